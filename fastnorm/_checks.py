@@ -1,0 +1,124 @@
+"""Input validation shared by the functional API and the modules.
+
+Every message names the argument, what was expected and what came.  Checks run before
+anything is written, so a rejected call leaves buffers and parameters as they were.
+"""
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_LAYOUTS = {"nchw": "NCHW", "channels_first": "NCHW", "ncl": "NCHW", "ncdhw": "NCHW",
+            "nc": "NCHW", "nhwc": "NHWC", "channels_last": "NHWC", "nlc": "NHWC",
+            "ndhwc": "NHWC"}
+
+
+def layout(value, name="layout"):
+    """'NCHW' or 'NHWC' from any accepted spelling (case-insensitive)."""
+    if isinstance(value, str):
+        key = _LAYOUTS.get(value.strip().lower())
+        if key is not None:
+            return key
+    raise ValueError(f"{name}: expected 'NCHW' (alias 'channels_first') or 'NHWC' "
+                     f"(alias 'channels_last'), got {value!r}")
+
+
+def array(x, name="input", min_ndim=2):
+    """A float32/float64 ndarray of at least ``min_ndim`` dims, with no zero-size axis;
+    returned C-contiguous (copied once if it was not)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape "
+                         f"{x.shape} ({x.ndim} dimensions)")
+    if x.size == 0:
+        raise ValueError(f"{name}: expected a non-empty array, got shape {x.shape}")
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def param(p, name, shape, dtype):
+    """None, or a float ndarray of exactly ``shape``, returned contiguous in ``dtype``."""
+    if p is None:
+        return None
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {p.dtype}")
+    if p.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {p.shape}")
+    return np.ascontiguousarray(p, dtype=dtype)
+
+
+def buffer(b, name, shape):
+    """A running-statistics buffer: updated in place, so it must be a writable float
+    ndarray of ``shape``; it is returned as is."""
+    if not isinstance(b, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(b).__name__}")
+    if b.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {b.dtype}")
+    if b.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {b.shape}")
+    if not b.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array (it is updated in place)")
+    return b
+
+
+def same_shape(a, name, x, x_name="input"):
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape} (the shape of {x_name}), "
+                         f"got {a.shape}")
+
+
+def out(o, shape, dtype, name="out"):
+    """A preallocated result: C-contiguous, writable, of the result's shape and dtype."""
+    if o is None:
+        return np.empty(shape, dtype)
+    if not isinstance(o, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(o).__name__}")
+    if o.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {o.dtype}")
+    if o.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {o.shape}")
+    if not o.flags.c_contiguous or not o.flags.writeable:
+        raise ValueError(f"{name}: expected a writable C-contiguous array")
+    return o
+
+
+def eps(value, name="eps"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def momentum(value, name="momentum"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def normalized_shape(shape, x, name="normalized_shape"):
+    """The trailing shape a LayerNorm/RMSNorm normalizes over, checked against x."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a tuple of ints, got {shape!r}") from None
+    if len(shape) == 0 or any(s <= 0 for s in shape):
+        raise ValueError(f"{name}: expected a non-empty tuple of positive ints, got {shape}")
+    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
+        raise ValueError(f"{name}: expected the trailing dimensions of input, "
+                         f"got {shape} for an input of shape {x.shape}")
+    return shape

@@ -1,0 +1,53 @@
+"""Tunables and thread control, in one place.
+
+Threads: ``set_num_threads(n)`` sets the count used by both compiled backends.  The
+Cython kernels take it as an explicit ``num_threads`` argument of every ``prange`` (so it
+holds in every calling thread, unlike ``omp_set_num_threads`` which is per thread), and
+the Numba backend applies it with ``numba.set_num_threads`` before each call (also a
+per-thread setting in Numba).  ``FASTNORM_NUM_THREADS`` gives the starting value.
+"""
+import os
+
+# Work partitioning.  Kernels split their work into a number of chunks that depends on
+# the problem size only, never on the thread count: each chunk sums its part in a fixed
+# order and chunks are merged in a fixed order, so results are bitwise identical for any
+# number of threads.
+MAX_CHUNKS = 64          # chunks of one parallel loop (>= threads we expect, for balance)
+MIN_CHUNK_ELEMENTS = 16384  # below this a chunk is not worth a task of its own
+SPLIT_UNITS_BELOW = 8    # a reduction with fewer independent groups than this ...
+SPLIT_MIN_ELEMENTS = 1 << 16  # ... and at least this many elements per group is split
+
+
+def _default_threads():
+    env = os.environ.get("FASTNORM_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTNORM_NUM_THREADS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FASTNORM_NUM_THREADS: expected a positive integer, got {env!r}")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_num_threads = _default_threads()
+
+
+def set_num_threads(n):
+    """Set the number of threads the compiled kernels use (both Cython and Numba)."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads():
+    """Number of threads the compiled kernels use."""
+    return _num_threads

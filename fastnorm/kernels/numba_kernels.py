@@ -1,0 +1,424 @@
+"""Numba kernels of the two shapes every normalization reduces to (see compiled.py).
+
+Mirrors ``fastnorm/_ext/kernels.pyx`` name for name and argument for argument; the
+driver in compiled.py calls either module.  Arrays are flat C-contiguous views.  All sums
+and all arithmetic are float64 whatever the input dtype; sums are *shifted* (by one value
+of the group, close to its mean) so that E[d^2] - E[d]^2 does not cancel even when the
+mean is 1e4 times the standard deviation.  ``nthreads`` is applied by ``prepare`` (Numba
+threads are set per calling thread), the kernels accept it to keep the signatures of the
+Cython module.
+
+fastmath is limited to reassociation and contraction: full fastmath assumes no NaN/Inf,
+and NaN must propagate as in PyTorch.
+"""
+import os
+import sys
+
+
+def _configure_cache_dir():
+    """Numba writes its cache next to the package; fall back to a user directory when the
+    package directory is read-only (a site-packages owned by another user, a container)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.access(os.path.join(here, "__pycache__") if os.path.isdir(os.path.join(here, "__pycache__")) else here, os.W_OK):
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for candidate in (base, os.path.join(os.environ.get("TMPDIR", "/tmp"))):
+        path = os.path.join(candidate, "fastnorm", "numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            os.environ["NUMBA_CACHE_DIR"] = path
+            if "numba" in sys.modules:  # numba read its config already
+                sys.modules["numba"].config.CACHE_DIR = path
+            return
+
+
+_configure_cache_dir()
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+_FM = {"reassoc", "contract"}
+
+
+def _jit(parallel):
+    def deco(fn):
+        try:
+            return njit(parallel=parallel, cache=True, nogil=True, fastmath=_FM)(fn)
+        except RuntimeError:  # no writable cache location at all: run uncached
+            return njit(parallel=parallel, cache=False, nogil=True, fastmath=_FM)(fn)
+    return deco
+
+
+def prepare(nthreads):
+    """Apply the thread count in the calling thread (Numba's setting is per thread)."""
+    n = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------
+# Segment shape: group (p, g) is M segments of L = Kc*Ks contiguous values, segment m at
+# base + m*rowstride.  An *item* is a contiguous range [f0, f1) of the group's M*L values
+# (the whole group unless a few large groups are split into parts).
+# ----------------------------------------------------------------------------------------
+
+@_jit(False)
+def _item_sums(x, base, rowstride, L, f0, f1, shift):
+    """Sums of d and d*d, d = x - shift, over the item."""
+    s1 = 0.0
+    s2 = 0.0
+    m0 = f0 // L
+    m1 = (f1 - 1) // L
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        for j in range(ja, jb):
+            d = np.float64(x[off + j]) - shift
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
+
+@_jit(False)
+def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias, wofs):
+    """y = (x - mean) * invstd * weight[c] + bias[c] over the item, as x*a + b."""
+    has_w = weight.size > 0
+    has_b = bias.size > 0
+    m0 = f0 // L
+    m1 = (f1 - 1) // L
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:  # one parameter per value (LayerNorm-like): vectorize over kc
+            for j in range(ja, jb):
+                a = invstd
+                if has_w:
+                    a = invstd * weight[wofs + j]
+                b = -mean * a
+                if has_b:
+                    b += bias[wofs + j]
+                y[off + j] = np.float64(x[off + j]) * a + b
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                a = invstd
+                if has_w:
+                    a = invstd * weight[wofs + kc]
+                b = -mean * a
+                if has_b:
+                    b += bias[wofs + kc]
+                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
+                    y[off + j] = np.float64(x[off + j]) * a + b
+
+
+@_jit(False)
+def _item_grad_sums(dy, x, base, rowstride, L, Ks, f0, f1, mean, weight, wofs,
+                    sdy, sdyxc, sofs, want):
+    """A = sum(g), B = sum(g*(x-mean)) with g = dy*weight[c]; with ``want``, per-channel
+    sums of dy and dy*(x-mean) are added into sdy/sdyxc at sofs + kc."""
+    has_w = weight.size > 0
+    A = 0.0
+    B = 0.0
+    m0 = f0 // L
+    m1 = (f1 - 1) // L
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:
+            for j in range(ja, jb):
+                d = np.float64(dy[off + j])
+                xc = np.float64(x[off + j]) - mean
+                w = 1.0
+                if has_w:
+                    w = np.float64(weight[wofs + j])
+                A += w * d
+                B += w * d * xc
+                if want:
+                    sdy[sofs + j] += d
+                    sdyxc[sofs + j] += d * xc
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                t1 = 0.0
+                t2 = 0.0
+                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
+                    d = np.float64(dy[off + j])
+                    t1 += d
+                    t2 += d * (np.float64(x[off + j]) - mean)
+                w = 1.0
+                if has_w:
+                    w = np.float64(weight[wofs + kc])
+                A += w * t1
+                B += w * t2
+                if want:
+                    sdy[sofs + kc] += t1
+                    sdyxc[sofs + kc] += t2
+    return A, B
+
+
+@_jit(False)
+def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, k3,
+                         weight, wofs):
+    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item."""
+    has_w = weight.size > 0
+    m0 = f0 // L
+    m1 = (f1 - 1) // L
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:
+            for j in range(ja, jb):
+                k1 = invstd
+                if has_w:
+                    k1 = invstd * weight[wofs + j]
+                dx[off + j] = np.float64(dy[off + j]) * k1 + np.float64(x[off + j]) * k2 + k3
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                k1 = invstd
+                if has_w:
+                    k1 = invstd * weight[wofs + kc]
+                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
+                    dx[off + j] = np.float64(dy[off + j]) * k1 + np.float64(x[off + j]) * k2 + k3
+
+
+@_jit(True)
+def seg_forward(x, P, M, G, Kc, Ks, weight, bias, eps, center, y, mean, var, nthreads):
+    """One group per task: shifted sums, then the affine while the group is in cache."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for u in prange(P * G):
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        shift = np.float64(x[base]) if center else 0.0
+        s1, s2 = _item_sums(x, base, rowstride, L, 0, n, shift)
+        if center:
+            mu = s1 / n
+            v = max(s2 / n - mu * mu, 0.0)
+            mu += shift
+        else:
+            mu = 0.0
+            v = s2 / n
+        mean[u] = mu
+        var[u] = v
+        _item_apply(x, y, base, rowstride, L, Ks, 0, n, mu, 1.0 / np.sqrt(v + eps),
+                    weight, bias, g * Kc)
+
+
+@_jit(True)
+def seg_sums(x, P, M, G, Kc, Ks, nparts, shift, s1, s2, nthreads):
+    """Partial shifted sums of each group split into nparts contiguous parts."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for it in prange(P * G * nparts):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        f0 = n * part // nparts
+        f1 = n * (part + 1) // nparts
+        a, b = _item_sums(x, base, rowstride, L, f0, f1, shift[u])
+        s1[it] = a
+        s2[it] = b
+
+
+@_jit(True)
+def seg_apply(x, P, M, G, Kc, Ks, nparts, mean, invstd, weight, bias, y, nthreads):
+    """y = (x - mean) * invstd * weight + bias, each group in nparts parts."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for it in prange(P * G * nparts):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        f0 = n * part // nparts
+        f1 = n * (part + 1) // nparts
+        _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean[u], invstd[u],
+                    weight, bias, g * Kc)
+
+
+@_jit(True)
+def seg_backward(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx, sdy, sdyxc,
+                 want, nthreads):
+    """One group per task: gradient sums, then dx while the group is in cache.
+    sdy/sdyxc (P*G*Kc) receive the per-channel sums when ``want``."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for u in prange(P * G):
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        mu = mean[u]
+        r = invstd[u]
+        if want:
+            for kc in range(Kc):
+                sdy[u * Kc + kc] = 0.0
+                sdyxc[u * Kc + kc] = 0.0
+        A, B = _item_grad_sums(dy, x, base, rowstride, L, Ks, 0, n, mu, weight, g * Kc,
+                               sdy, sdyxc, u * Kc, want)
+        if dx.size > 0:
+            if not center:
+                A = 0.0
+            k2 = -r * r * r * B / n
+            k3 = r * (mu * r * r * B / n - A / n)
+            _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3,
+                                 weight, g * Kc)
+
+
+@_jit(True)
+def seg_grad_sums(dy, x, P, M, G, Kc, Ks, nparts, mean, weight, A, B, sdy, sdyxc, want,
+                  nthreads):
+    """Partial gradient sums per (group, part); sdy/sdyxc are (P*G*nparts*Kc)."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for it in prange(P * G * nparts):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        f0 = n * part // nparts
+        f1 = n * (part + 1) // nparts
+        if want:
+            for kc in range(Kc):
+                sdy[it * Kc + kc] = 0.0
+                sdyxc[it * Kc + kc] = 0.0
+        a, b = _item_grad_sums(dy, x, base, rowstride, L, Ks, f0, f1, mean[u], weight,
+                               g * Kc, sdy, sdyxc, it * Kc, want)
+        A[it] = a
+        B[it] = b
+
+
+@_jit(True)
+def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, invstd, k2, k3, weight, dx,
+                       nthreads):
+    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts."""
+    L = Kc * Ks
+    rowstride = G * L
+    n = M * L
+    for it in prange(P * G * nparts):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        base = p * M * rowstride + g * L
+        f0 = n * part // nparts
+        f1 = n * (part + 1) // nparts
+        _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd[u],
+                             k2[u], k3[u], weight, g * Kc)
+
+
+# ----------------------------------------------------------------------------------------
+# Column shape: x is (P, M, W) and each of the W columns is reduced over M rows (the
+# channels-last layouts).  An item is (p, a block of rows); it sums into its own row of
+# per-item accumulators, merged afterwards in a fixed order.
+# ----------------------------------------------------------------------------------------
+
+@_jit(True)
+def col_sums(x, P, M, W, nch, shift, s1, s2, nthreads):
+    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows."""
+    for it in prange(P * nch):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        o = it * W
+        so = p * W
+        for w in range(W):
+            s1[o + w] = 0.0
+            s2[o + w] = 0.0
+        for m in range(m0, m1):
+            off = (p * M + m) * W
+            for w in range(W):
+                d = np.float64(x[off + w]) - shift[so + w]
+                s1[o + w] += d
+                s2[o + w] += d * d
+
+
+@_jit(True)
+def col_apply(x, P, M, W, nch, alpha, beta, y, nthreads):
+    """y[p, m, w] = x * alpha[p, w] + beta[p, w]."""
+    for it in prange(P * nch):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        so = p * W
+        for m in range(m0, m1):
+            off = (p * M + m) * W
+            for w in range(W):
+                y[off + w] = np.float64(x[off + w]) * alpha[so + w] + beta[so + w]
+
+
+@_jit(True)
+def col_grad_sums(dy, x, P, M, W, nch, mean, sdy, sdyxc, nthreads):
+    """sdy[item, w] = sum(dy), sdyxc[item, w] = sum(dy * (x - mean[p, w]))."""
+    for it in prange(P * nch):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        o = it * W
+        so = p * W
+        for w in range(W):
+            sdy[o + w] = 0.0
+            sdyxc[o + w] = 0.0
+        for m in range(m0, m1):
+            off = (p * M + m) * W
+            for w in range(W):
+                d = np.float64(dy[off + w])
+                sdy[o + w] += d
+                sdyxc[o + w] += d * (np.float64(x[off + w]) - mean[so + w])
+
+
+@_jit(True)
+def col_apply_backward(dy, x, P, M, W, nch, k1, k2, k3, dx, nthreads):
+    """dx[p, m, w] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
+    for it in prange(P * nch):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        so = p * W
+        for m in range(m0, m1):
+            off = (p * M + m) * W
+            for w in range(W):
+                dx[off + w] = (np.float64(dy[off + w]) * k1[so + w]
+                               + np.float64(x[off + w]) * k2[so + w] + k3[so + w])
+
+
+@_jit(True)
+def row_param_grads(dy, x, R, K, nblk, mean, invstd, dweight, dbias, nthreads):
+    """Per-value parameter gradients of row norms (LayerNorm/RMSNorm):
+    dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy.
+    Columns are split into nblk blocks; each block owns its outputs."""
+    for b in prange(nblk):
+        k0 = K * b // nblk
+        k1 = K * (b + 1) // nblk
+        for k in range(k0, k1):
+            dweight[k] = 0.0
+            dbias[k] = 0.0
+        for r in range(R):
+            off = r * K
+            mu = mean[r]
+            s = invstd[r]
+            for k in range(k0, k1):
+                d = np.float64(dy[off + k])
+                dweight[k] += d * (np.float64(x[off + k]) - mu) * s
+                dbias[k] += d

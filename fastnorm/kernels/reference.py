@@ -1,0 +1,73 @@
+"""NumPy reference backend: the formulas of the BatchNorm notes, written to be read.
+
+Statistics are computed in float64 with two passes (mean first, then the mean of the
+squared deviations), so this backend is the accuracy yardstick for the others.
+See ``fastnorm.kernels`` for the canonical view ``(P, M, G, Kc, Ks)``.
+"""
+import numpy as np
+
+_REDUCE = (1, 3, 4)  # statistics of group (p, g) run over M, Kc and Ks
+
+
+def _stats_shape(dims):
+    P, M, G, Kc, Ks = dims
+    return (P, 1, G, 1, 1)
+
+
+def _param_shape(dims):
+    P, M, G, Kc, Ks = dims
+    return (1, 1, G, Kc, 1)
+
+
+def forward(x, dims, weight, bias, eps, center, y):
+    """Batch statistics, then y = (x - mean) / sqrt(var + eps) * weight + bias."""
+    x5 = x.reshape(dims).astype(np.float64)
+    if center:
+        mean = x5.mean(axis=_REDUCE, keepdims=True)
+    else:
+        mean = np.zeros(_stats_shape(dims))
+    var = ((x5 - mean) ** 2).mean(axis=_REDUCE, keepdims=True)
+    invstd = 1.0 / np.sqrt(var + eps)
+    _affine(x5, mean, invstd, weight, bias, dims, y)
+    return mean.reshape(-1), var.reshape(-1)
+
+
+def apply(x, dims, mean, invstd, weight, bias, y):
+    """y = (x - mean) * invstd * weight + bias with the given statistics."""
+    x5 = x.reshape(dims).astype(np.float64)
+    _affine(x5, mean.reshape(_stats_shape(dims)), invstd.reshape(_stats_shape(dims)),
+            weight, bias, dims, y)
+
+
+def _affine(x5, mean, invstd, weight, bias, dims, y):
+    out = (x5 - mean) * invstd
+    if weight is not None:
+        out = out * weight.astype(np.float64).reshape(_param_shape(dims))
+    if bias is not None:
+        out = out + bias.astype(np.float64).reshape(_param_shape(dims))
+    y.reshape(dims)[...] = out
+
+
+def backward(dy, x, dims, mean, invstd, weight, center, dx, param_grads):
+    """Closed-form backward of the normalization (see fastnorm.kernels)."""
+    P, M, G, Kc, Ks = dims
+    m = M * Kc * Ks
+    x5 = x.reshape(dims).astype(np.float64)
+    dy5 = dy.reshape(dims).astype(np.float64)
+    mean = mean.reshape(_stats_shape(dims))
+    invstd = invstd.reshape(_stats_shape(dims))
+    xc = x5 - mean
+    g = dy5 if weight is None else dy5 * weight.astype(np.float64).reshape(_param_shape(dims))
+    sum_g_xc = (g * xc).sum(axis=_REDUCE, keepdims=True)
+    grad = g - xc * invstd ** 2 * sum_g_xc / m
+    if center:
+        grad = grad - g.sum(axis=_REDUCE, keepdims=True) / m
+    if dx is not None:
+        dx.reshape(dims)[...] = invstd * grad
+    if not param_grads:
+        return None, None
+    dweight = (dy5 * xc * invstd).sum(axis=(0, 1, 4)).reshape(-1)
+    dbias = dy5.sum(axis=(0, 1, 4)).reshape(-1)
+    return dweight, dbias
+
+name = "numpy"

@@ -1,0 +1,377 @@
+"""The five normalizations on NumPy arrays: validation, the canonical view, dispatch.
+
+Each norm is a *view* of its input as ``(P, M, G, Kc, Ks)`` (see ``fastnorm.kernels``) and
+the shared forward/apply/backward of the current backend; adding a normalization means
+adding a view here.  Functions named ``*_train`` return the saved statistics that the
+matching ``*_backward`` consumes, so backward never recomputes them.
+"""
+import math
+
+import numpy as np
+
+from . import _checks
+from ._backend import get_kernels
+
+__all__ = [
+    "batch_norm", "batch_norm_train", "batch_norm_backward", "batch_norm_eval",
+    "layer_norm", "layer_norm_train", "layer_norm_backward",
+    "group_norm", "group_norm_train", "group_norm_backward",
+    "instance_norm", "instance_norm_train", "instance_norm_backward",
+    "rms_norm", "rms_norm_train", "rms_norm_backward",
+]
+
+
+# ---------------------------------------------------------------------------- views ----
+def _spatial(shape, start, stop):
+    return math.prod(shape[start:stop])
+
+
+def channel_view(x, layout):
+    """(C, view) with statistics per channel over everything else (BatchNorm)."""
+    if layout == "NCHW":
+        N, C = x.shape[0], x.shape[1]
+        return C, (1, N, C, 1, _spatial(x.shape, 2, x.ndim))
+    C = x.shape[-1]
+    return C, (1, x.size // C, C, 1, 1)
+
+
+def group_view(x, layout, G):
+    """(C, view) with statistics per (sample, group of C/G channels) (GroupNorm,
+    InstanceNorm with G = C)."""
+    N = x.shape[0]
+    if layout == "NCHW":
+        C = x.shape[1]
+        return C, (N, 1, G, C // G, _spatial(x.shape, 2, x.ndim))
+    C = x.shape[-1]
+    return C, (N, _spatial(x.shape, 1, x.ndim - 1), G, C // G, 1)
+
+
+def row_view(x, normalized_shape):
+    """view with statistics per row over the trailing ``normalized_shape`` (LayerNorm,
+    RMSNorm); one parameter per value of the row."""
+    K = math.prod(normalized_shape)
+    return (x.size // K, 1, 1, K, 1)
+
+
+def channels(x, layout):
+    return x.shape[1] if layout == "NCHW" else x.shape[-1]
+
+
+# ----------------------------------------------------------------------- shared core ----
+def _invstd(var, eps):
+    return 1.0 / np.sqrt(var + eps)
+
+
+def _forward(x, dims, weight, bias, eps, center, out):
+    y = _checks.out(out, x.shape, x.dtype)
+    mean, var = get_kernels().forward(x, dims, weight, bias, eps, center, y)
+    return y, mean, var
+
+
+def _apply(x, dims, mean, invstd, weight, bias, out):
+    y = _checks.out(out, x.shape, x.dtype)
+    get_kernels().apply(x, dims, mean, invstd, weight, bias, y)
+    return y
+
+
+def _backward(dy, x, dims, mean, invstd, weight, center, out, param_grads):
+    dy = _checks.array(dy, "grad_output", 1)
+    _checks.same_shape(dy, "grad_output", x)
+    if dy.dtype != x.dtype:
+        dy = dy.astype(x.dtype)
+    dx = _checks.out(out, x.shape, x.dtype)
+    dw, db = get_kernels().backward(dy, x, dims, mean, invstd, weight, center, dx, param_grads)
+    if not param_grads:
+        return dx, None, None
+    return dx, dw.astype(x.dtype), db.astype(x.dtype)
+
+
+def _saved(a, name, n, dtype):
+    """A saved statistic (mean/invstd) as a flat float64 array of n values."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.size != n:
+        raise ValueError(f"{name}: expected {n} values, got shape {a.shape}")
+    return np.ascontiguousarray(a, np.float64).reshape(-1)
+
+
+def _update_running(running_mean, running_var, mean, var, n, momentum):
+    """running = (1 - momentum) * running + momentum * batch, variance unbiased (n/(n-1))."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unbiased = var * (n / (n - 1)) if n > 1 else np.full_like(var, np.nan)
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+
+
+def _one_value_error(x):
+    return ValueError(f"Expected more than 1 value per channel when training, "
+                      f"got input size {x.shape}")
+
+
+# ------------------------------------------------------------------------ BatchNorm ----
+def _bn_prepare(x, weight, bias, layout, name="input"):
+    layout = _checks.layout(layout)
+    x = _checks.array(x, name)
+    C = channels(x, layout)
+    weight = _checks.param(weight, "weight", (C,), x.dtype)
+    bias = _checks.param(bias, "bias", (C,), x.dtype)
+    return x, weight, bias, layout, C
+
+
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=None):
+    """BatchNorm with batch statistics; returns ``(y, mean, invstd)``.
+
+    mean = E[x], var = E[(x - mean)^2] (biased) per channel over N and the spatial axes,
+    invstd = 1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias.
+    """
+    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    eps = _checks.eps(eps)
+    C, dims = channel_view(x, layout)
+    if x.size // C == 1:
+        raise _one_value_error(x)
+    y, mean, var = _forward(x, dims, weight, bias, eps, True, out)
+    return y, mean.astype(x.dtype), _invstd(var, eps).astype(x.dtype)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=None):
+    """Gradients of ``batch_norm_train``; returns ``(dx, dweight, dbias)``.
+
+    With g = dy * weight and m values per channel:
+    dx = invstd * (g - sum(g)/m - (x - mean) * invstd^2 * sum(g * (x - mean))/m),
+    dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy); both None without weight.
+    """
+    x, weight, _, layout, C = _bn_prepare(x, weight, None, layout)
+    C, dims = channel_view(x, layout)
+    return _backward(dy, x, dims, _saved(mean, "mean", C, x.dtype),
+                     _saved(invstd, "invstd", C, x.dtype), weight, True, out,
+                     weight is not None)
+
+
+def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=None):
+    """y = (x - mean) * invstd * weight + bias with given per-channel statistics
+    (the folded inference transform y = a*x + b, a = weight*invstd, b = bias - mean*a)."""
+    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    C, dims = channel_view(x, layout)
+    return _apply(x, dims, _saved(mean, "mean", C, x.dtype), _saved(invstd, "invstd", C, x.dtype),
+                  weight, bias, out)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
+    """``torch.nn.functional.batch_norm`` on NumPy arrays.
+
+    training=True normalizes with batch statistics and, when given, updates the running
+    buffers in place (``running = (1 - momentum) * running + momentum * batch``, variance
+    unbiased by m/(m-1)); training=False uses the running buffers (both required).
+    """
+    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    eps = _checks.eps(eps)
+    if running_mean is not None:
+        _checks.buffer(running_mean, "running_mean", (C,))
+    if running_var is not None:
+        _checks.buffer(running_var, "running_var", (C,))
+    C, dims = channel_view(x, layout)
+    if training:
+        momentum = _checks.momentum(momentum)
+        n = x.size // C
+        if n == 1:
+            raise _one_value_error(x)
+        y, mean, var = _forward(x, dims, weight, bias, eps, True, out)
+        _update_running(running_mean, running_var, mean, var, n, momentum)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean, running_var: expected both running buffers when "
+                         "training=False, got "
+                         f"running_mean={'None' if running_mean is None else 'an array'}, "
+                         f"running_var={'None' if running_var is None else 'an array'}")
+    mean = running_mean.astype(np.float64)
+    return _apply(x, dims, mean, _invstd(running_var.astype(np.float64), eps), weight, bias, out)
+
+
+# ------------------------------------------------------------------------ LayerNorm ----
+def _row_prepare(x, normalized_shape, weight, bias):
+    x = _checks.array(x, "input", 1)
+    shape = _checks.normalized_shape(normalized_shape, x)
+    weight = _checks.param(weight, "weight", shape, x.dtype)
+    bias = _checks.param(bias, "bias", shape, x.dtype)
+    return x, shape, row_view(x, shape), weight, bias
+
+
+def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the trailing ``normalized_shape``; returns ``(y, mean, invstd)`` with
+    one statistic per row (shape ``x.shape[:-len(normalized_shape)]``)."""
+    x, shape, dims, weight, bias = _row_prepare(x, normalized_shape, weight, bias)
+    eps = _checks.eps(eps)
+    y, mean, var = _forward(x, dims, _flat(weight), _flat(bias), eps, True, None)
+    lead = x.shape[:x.ndim - len(shape)]
+    return y, mean.astype(x.dtype).reshape(lead), _invstd(var, eps).astype(x.dtype).reshape(lead)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm`` on NumPy arrays."""
+    return layer_norm_train(x, normalized_shape, weight, bias, eps)[0]
+
+
+def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, param_grads=None):
+    """Gradients of ``layer_norm_train``: ``(dx, dweight, dbias)`` (shaped like the
+    normalized shape; None unless ``param_grads``, which defaults to ``weight is not None``)."""
+    x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
+    if param_grads is None:
+        param_grads = weight is not None
+    R = dims[0]
+    dx, dw, db = _backward(dy, x, dims, _saved(mean, "mean", R, x.dtype),
+                           _saved(invstd, "invstd", R, x.dtype), _flat(weight), True, None,
+                           param_grads)
+    if param_grads:
+        dw, db = dw.reshape(shape), db.reshape(shape)
+    return dx, dw, db
+
+
+def _flat(p):
+    return None if p is None else p.reshape(-1)
+
+
+# -------------------------------------------------------------------------- RMSNorm ----
+def _rms_eps(eps, dtype):
+    return float(np.finfo(dtype).eps) if eps is None else _checks.eps(eps)
+
+
+def rms_norm_train(x, normalized_shape, weight=None, eps=None):
+    """RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight over the trailing
+    ``normalized_shape`` (eps=None: ``np.finfo(dtype).eps``); returns ``(y, invrms)``."""
+    x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
+    eps = _rms_eps(eps, x.dtype)
+    y, _, ms = _forward(x, dims, _flat(weight), None, eps, False, None)
+    lead = x.shape[:x.ndim - len(shape)]
+    return y, _invstd(ms, eps).astype(x.dtype).reshape(lead)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm`` on NumPy arrays."""
+    return rms_norm_train(x, normalized_shape, weight, eps)[0]
+
+
+def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None):
+    """Gradients of ``rms_norm_train``: ``(dx, dweight)``, dweight None without weight.
+    dx = invrms * (g - x * invrms^2 * sum(g * x)/K), g = dy * weight."""
+    x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
+    R = dims[0]
+    dx, dw, _ = _backward(dy, x, dims, np.zeros(R), _saved(invrms, "invrms", R, x.dtype),
+                          _flat(weight), False, None, weight is not None)
+    return dx, (None if dw is None else dw.reshape(shape))
+
+
+# ------------------------------------------------------------------------ GroupNorm ----
+def _group_prepare(x, num_groups, weight, bias, layout, min_ndim=2):
+    layout = _checks.layout(layout)
+    x = _checks.array(x, "input", min_ndim)
+    G = _checks.positive_int(num_groups, "num_groups")
+    C = channels(x, layout)
+    if C % G:
+        raise ValueError(f"num_groups: expected a divisor of the number of channels "
+                         f"({C}), got {G}")
+    weight = _checks.param(weight, "weight", (C,), x.dtype)
+    bias = _checks.param(bias, "bias", (C,), x.dtype)
+    return x, layout, G, group_view(x, layout, G)[1], weight, bias
+
+
+def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
+    """GroupNorm: statistics per (sample, group of C/num_groups channels), per-channel
+    affine; returns ``(y, mean, invstd)`` with statistics of shape (N, num_groups)."""
+    x, layout, G, dims, weight, bias = _group_prepare(x, num_groups, weight, bias, layout)
+    eps = _checks.eps(eps)
+    y, mean, var = _forward(x, dims, weight, bias, eps, True, None)
+    N = x.shape[0]
+    return y, mean.astype(x.dtype).reshape(N, G), _invstd(var, eps).astype(x.dtype).reshape(N, G)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
+    """``torch.nn.functional.group_norm`` on NumPy arrays, in either layout."""
+    return group_norm_train(x, num_groups, weight, bias, eps, layout)[0]
+
+
+def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, layout="NCHW",
+                        param_grads=None):
+    """Gradients of ``group_norm_train``: ``(dx, dweight, dbias)``."""
+    x, layout, G, dims, weight, _ = _group_prepare(x, num_groups, weight, None, layout)
+    if param_grads is None:
+        param_grads = weight is not None
+    n = x.shape[0] * G
+    return _backward(dy, x, dims, _saved(mean, "mean", n, x.dtype),
+                     _saved(invstd, "invstd", n, x.dtype), weight, True, None, param_grads)
+
+
+# --------------------------------------------------------------------- InstanceNorm ----
+def _instance_prepare(x, weight, bias, layout):
+    layout = _checks.layout(layout)
+    x = _checks.array(x, "input", 3)
+    C = channels(x, layout)
+    weight = _checks.param(weight, "weight", (C,), x.dtype)
+    bias = _checks.param(bias, "bias", (C,), x.dtype)
+    return x, layout, C, weight, bias
+
+
+def instance_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW"):
+    """InstanceNorm with the input's statistics (GroupNorm with one channel per group);
+    returns ``(y, mean, invstd)`` with statistics of shape (N, C)."""
+    x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
+    eps = _checks.eps(eps)
+    _check_spatial(x, layout)
+    y, mean, var = _forward(x, group_view(x, layout, C)[1], weight, bias, eps, True, None)
+    N = x.shape[0]
+    return y, mean.astype(x.dtype).reshape(N, C), _invstd(var, eps).astype(x.dtype).reshape(N, C)
+
+
+def _check_spatial(x, layout):
+    if x.size // (x.shape[0] * channels(x, layout)) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, "
+                         f"got input size {x.shape}")
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, layout="NCHW"):
+    """``torch.nn.functional.instance_norm`` on NumPy arrays.
+
+    With ``use_input_stats`` each (sample, channel) is normalized with its own statistics
+    and the running buffers, when given, move towards their average over the batch
+    (variance unbiased); otherwise the running buffers are used (both required).
+    """
+    x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
+    eps = _checks.eps(eps)
+    if running_mean is not None:
+        _checks.buffer(running_mean, "running_mean", (C,))
+    if running_var is not None:
+        _checks.buffer(running_var, "running_var", (C,))
+    if use_input_stats:
+        momentum = _checks.momentum(momentum)
+        _check_spatial(x, layout)
+        y, mean, var = _forward(x, group_view(x, layout, C)[1], weight, bias, eps, True, None)
+        n = x.size // (x.shape[0] * C)
+        N = x.shape[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unbiased = var * (n / (n - 1))
+        if running_mean is not None:
+            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean.reshape(N, C).mean(0)
+        if running_var is not None:
+            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased.reshape(N, C).mean(0)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean, running_var: expected both running buffers when "
+                         "use_input_stats=False, got "
+                         f"running_mean={'None' if running_mean is None else 'an array'}, "
+                         f"running_var={'None' if running_var is None else 'an array'}")
+    # Fixed statistics per channel: the same transform as BatchNorm in eval mode.
+    return _apply(x, channel_view(x, layout)[1], running_mean.astype(np.float64),
+                  _invstd(running_var.astype(np.float64), eps), weight, bias, None)
+
+
+def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", param_grads=None):
+    """Gradients of ``instance_norm_train``: ``(dx, dweight, dbias)``."""
+    x, layout, C, weight, _ = _instance_prepare(x, weight, None, layout)
+    if param_grads is None:
+        param_grads = weight is not None
+    n = x.shape[0] * C
+    return _backward(dy, x, group_view(x, layout, C)[1], _saved(mean, "mean", n, x.dtype),
+                     _saved(invstd, "invstd", n, x.dtype), weight, True, None, param_grads)
