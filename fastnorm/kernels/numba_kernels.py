@@ -68,6 +68,9 @@ def prepare(nthreads):
 # (the whole group unless a few large groups are split into parts).
 # ----------------------------------------------------------------------------------------
 
+# Inner loops run over slices with ``range(n)``: Numba vectorizes those, while an index
+# like ``x[off + j]`` (which might be negative, so gets a wraparound check) is not.
+
 @_jit(False)
 def _item_sums(x, base, rowstride, L, f0, f1, shift):
     """Sums of d and d*d, d = x - shift, over the item."""
@@ -78,12 +81,18 @@ def _item_sums(x, base, rowstride, L, f0, f1, shift):
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
-        off = base + m * rowstride
-        for j in range(ja, jb):
-            d = np.float64(x[off + j]) - shift
+        xs = x[base + m * rowstride + ja:base + m * rowstride + jb]
+        for j in range(xs.size):
+            d = np.float64(xs[j]) - shift
             s1 += d
             s2 += d * d
     return s1, s2
+
+
+@_jit(False)
+def _affine_run(xs, ys, a, b):
+    for j in range(xs.size):
+        ys[j] = np.float64(xs[j]) * a + b
 
 
 @_jit(False)
@@ -98,14 +107,23 @@ def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias
         jb = f1 - m * L if m == m1 else L
         off = base + m * rowstride
         if Ks == 1:  # one parameter per value (LayerNorm-like): vectorize over kc
-            for j in range(ja, jb):
-                a = invstd
-                if has_w:
-                    a = invstd * weight[wofs + j]
-                b = -mean * a
-                if has_b:
-                    b += bias[wofs + j]
-                y[off + j] = np.float64(x[off + j]) * a + b
+            xs = x[off + ja:off + jb]
+            ys = y[off + ja:off + jb]
+            if has_w and has_b:
+                ws = weight[wofs + ja:wofs + jb]
+                bs = bias[wofs + ja:wofs + jb]
+                for j in range(xs.size):
+                    ys[j] = (np.float64(xs[j]) - mean) * invstd * np.float64(ws[j]) + np.float64(bs[j])
+            elif has_w:
+                ws = weight[wofs + ja:wofs + jb]
+                for j in range(xs.size):
+                    ys[j] = (np.float64(xs[j]) - mean) * invstd * np.float64(ws[j])
+            elif has_b:
+                bs = bias[wofs + ja:wofs + jb]
+                for j in range(xs.size):
+                    ys[j] = (np.float64(xs[j]) - mean) * invstd + np.float64(bs[j])
+            else:
+                _affine_run(xs, ys, invstd, -mean * invstd)
         else:
             for kc in range(ja // Ks, (jb - 1) // Ks + 1):
                 a = invstd
@@ -114,8 +132,9 @@ def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias
                 b = -mean * a
                 if has_b:
                     b += bias[wofs + kc]
-                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
-                    y[off + j] = np.float64(x[off + j]) * a + b
+                lo = max(ja, kc * Ks)
+                hi = min(jb, kc * Ks + Ks)
+                _affine_run(x[off + lo:off + hi], y[off + lo:off + hi], a, b)
 
 
 @_jit(False)
@@ -133,25 +152,38 @@ def _item_grad_sums(dy, x, base, rowstride, L, Ks, f0, f1, mean, weight, wofs,
         jb = f1 - m * L if m == m1 else L
         off = base + m * rowstride
         if Ks == 1:
-            for j in range(ja, jb):
-                d = np.float64(dy[off + j])
-                xc = np.float64(x[off + j]) - mean
-                w = 1.0
-                if has_w:
-                    w = np.float64(weight[wofs + j])
-                A += w * d
-                B += w * d * xc
-                if want:
-                    sdy[sofs + j] += d
-                    sdyxc[sofs + j] += d * xc
+            dys = dy[off + ja:off + jb]
+            xs = x[off + ja:off + jb]
+            if want:
+                s1 = sdy[sofs + ja:sofs + jb]
+                s2 = sdyxc[sofs + ja:sofs + jb]
+                for j in range(xs.size):
+                    d = np.float64(dys[j])
+                    s1[j] += d
+                    s2[j] += d * (np.float64(xs[j]) - mean)
+            if has_w:
+                ws = weight[wofs + ja:wofs + jb]
+                for j in range(xs.size):
+                    g = np.float64(dys[j]) * np.float64(ws[j])
+                    A += g
+                    B += g * (np.float64(xs[j]) - mean)
+            else:
+                for j in range(xs.size):
+                    g = np.float64(dys[j])
+                    A += g
+                    B += g * (np.float64(xs[j]) - mean)
         else:
             for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                lo = max(ja, kc * Ks)
+                hi = min(jb, kc * Ks + Ks)
+                dys = dy[off + lo:off + hi]
+                xs = x[off + lo:off + hi]
                 t1 = 0.0
                 t2 = 0.0
-                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
-                    d = np.float64(dy[off + j])
+                for j in range(xs.size):
+                    d = np.float64(dys[j])
                     t1 += d
-                    t2 += d * (np.float64(x[off + j]) - mean)
+                    t2 += d * (np.float64(xs[j]) - mean)
                 w = 1.0
                 if has_w:
                     w = np.float64(weight[wofs + kc])
@@ -161,6 +193,12 @@ def _item_grad_sums(dy, x, base, rowstride, L, Ks, f0, f1, mean, weight, wofs,
                     sdy[sofs + kc] += t1
                     sdyxc[sofs + kc] += t2
     return A, B
+
+
+@_jit(False)
+def _dx_run(dys, xs, dxs, k1, k2, k3):
+    for j in range(xs.size):
+        dxs[j] = np.float64(dys[j]) * k1 + np.float64(xs[j]) * k2 + k3
 
 
 @_jit(False)
@@ -174,19 +212,26 @@ def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, 
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
         off = base + m * rowstride
-        if Ks == 1:
-            for j in range(ja, jb):
-                k1 = invstd
-                if has_w:
-                    k1 = invstd * weight[wofs + j]
-                dx[off + j] = np.float64(dy[off + j]) * k1 + np.float64(x[off + j]) * k2 + k3
+        if Ks == 1 and has_w:
+            dys = dy[off + ja:off + jb]
+            xs = x[off + ja:off + jb]
+            dxs = dx[off + ja:off + jb]
+            ws = weight[wofs + ja:wofs + jb]
+            for j in range(xs.size):
+                dxs[j] = (np.float64(dys[j]) * invstd * np.float64(ws[j])
+                          + np.float64(xs[j]) * k2 + k3)
+        elif Ks == 1:
+            _dx_run(dy[off + ja:off + jb], x[off + ja:off + jb], dx[off + ja:off + jb],
+                    invstd, k2, k3)
         else:
             for kc in range(ja // Ks, (jb - 1) // Ks + 1):
                 k1 = invstd
                 if has_w:
                     k1 = invstd * weight[wofs + kc]
-                for j in range(max(ja, kc * Ks), min(jb, kc * Ks + Ks)):
-                    dx[off + j] = np.float64(dy[off + j]) * k1 + np.float64(x[off + j]) * k2 + k3
+                lo = max(ja, kc * Ks)
+                hi = min(jb, kc * Ks + Ks)
+                _dx_run(dy[off + lo:off + hi], x[off + lo:off + hi], dx[off + lo:off + hi],
+                        k1, k2, k3)
 
 
 @_jit(True)
@@ -338,17 +383,17 @@ def col_sums(x, P, M, W, nch, shift, s1, s2, nthreads):
         c = it - p * nch
         m0 = M * c // nch
         m1 = M * (c + 1) // nch
-        o = it * W
-        so = p * W
-        for w in range(W):
-            s1[o + w] = 0.0
-            s2[o + w] = 0.0
+        a1 = s1[it * W:(it + 1) * W]
+        a2 = s2[it * W:(it + 1) * W]
+        sh = shift[p * W:(p + 1) * W]
+        a1[:] = 0.0
+        a2[:] = 0.0
         for m in range(m0, m1):
-            off = (p * M + m) * W
+            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
             for w in range(W):
-                d = np.float64(x[off + w]) - shift[so + w]
-                s1[o + w] += d
-                s2[o + w] += d * d
+                d = np.float64(xr[w]) - sh[w]
+                a1[w] += d
+                a2[w] += d * d
 
 
 @_jit(True)
@@ -359,11 +404,13 @@ def col_apply(x, P, M, W, nch, alpha, beta, y, nthreads):
         c = it - p * nch
         m0 = M * c // nch
         m1 = M * (c + 1) // nch
-        so = p * W
+        al = alpha[p * W:(p + 1) * W]
+        be = beta[p * W:(p + 1) * W]
         for m in range(m0, m1):
-            off = (p * M + m) * W
+            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
+            yr = y[(p * M + m) * W:(p * M + m + 1) * W]
             for w in range(W):
-                y[off + w] = np.float64(x[off + w]) * alpha[so + w] + beta[so + w]
+                yr[w] = np.float64(xr[w]) * al[w] + be[w]
 
 
 @_jit(True)
@@ -374,17 +421,18 @@ def col_grad_sums(dy, x, P, M, W, nch, mean, sdy, sdyxc, nthreads):
         c = it - p * nch
         m0 = M * c // nch
         m1 = M * (c + 1) // nch
-        o = it * W
-        so = p * W
-        for w in range(W):
-            sdy[o + w] = 0.0
-            sdyxc[o + w] = 0.0
+        a1 = sdy[it * W:(it + 1) * W]
+        a2 = sdyxc[it * W:(it + 1) * W]
+        mu = mean[p * W:(p + 1) * W]
+        a1[:] = 0.0
+        a2[:] = 0.0
         for m in range(m0, m1):
-            off = (p * M + m) * W
+            dyr = dy[(p * M + m) * W:(p * M + m + 1) * W]
+            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
             for w in range(W):
-                d = np.float64(dy[off + w])
-                sdy[o + w] += d
-                sdyxc[o + w] += d * (np.float64(x[off + w]) - mean[so + w])
+                d = np.float64(dyr[w])
+                a1[w] += d
+                a2[w] += d * (np.float64(xr[w]) - mu[w])
 
 
 @_jit(True)
@@ -395,12 +443,16 @@ def col_apply_backward(dy, x, P, M, W, nch, k1, k2, k3, dx, nthreads):
         c = it - p * nch
         m0 = M * c // nch
         m1 = M * (c + 1) // nch
-        so = p * W
+        c1 = k1[p * W:(p + 1) * W]
+        c2 = k2[p * W:(p + 1) * W]
+        c3 = k3[p * W:(p + 1) * W]
         for m in range(m0, m1):
-            off = (p * M + m) * W
+            lo = (p * M + m) * W
+            dyr = dy[lo:lo + W]
+            xr = x[lo:lo + W]
+            dxr = dx[lo:lo + W]
             for w in range(W):
-                dx[off + w] = (np.float64(dy[off + w]) * k1[so + w]
-                               + np.float64(x[off + w]) * k2[so + w] + k3[so + w])
+                dxr[w] = np.float64(dyr[w]) * c1[w] + np.float64(xr[w]) * c2[w] + c3[w]
 
 
 @_jit(True)
@@ -411,14 +463,16 @@ def row_param_grads(dy, x, R, K, nblk, mean, invstd, dweight, dbias, nthreads):
     for b in prange(nblk):
         k0 = K * b // nblk
         k1 = K * (b + 1) // nblk
-        for k in range(k0, k1):
-            dweight[k] = 0.0
-            dbias[k] = 0.0
+        dw = dweight[k0:k1]
+        db = dbias[k0:k1]
+        dw[:] = 0.0
+        db[:] = 0.0
         for r in range(R):
-            off = r * K
             mu = mean[r]
             s = invstd[r]
-            for k in range(k0, k1):
-                d = np.float64(dy[off + k])
-                dweight[k] += d * (np.float64(x[off + k]) - mu) * s
-                dbias[k] += d
+            dyr = dy[r * K + k0:r * K + k1]
+            xr = x[r * K + k0:r * K + k1]
+            for k in range(k1 - k0):
+                d = np.float64(dyr[k])
+                dw[k] += d * (np.float64(xr[k]) - mu) * s
+                db[k] += d
