@@ -27,6 +27,7 @@ _LAZY = {
     "is_grad_enabled": ("fastnorm.autograd", "is_grad_enabled"),
     "save": ("fastnorm.serialization", "save"),
     "load_into": ("fastnorm.serialization", "load_into"),
+    "load_metadata": ("fastnorm.serialization", "load_metadata"),
     "fuse": ("fastnorm.fuse", "fuse"),
     "nn": ("fastnorm.nn", None),
     "optim": ("fastnorm.optim", None),
