@@ -105,6 +105,104 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_train(args):
+    import json
+
+    import fastnorm as fn
+    from fastnorm import data, train
+
+    if args.backend:
+        fn.set_backend(args.backend)
+    if args.threads:
+        fn.set_num_threads(args.threads)
+    layout = _layout_arg(args.layout)
+    fn.manual_seed(args.seed)
+    (xtr, ytr), (xte, yte) = data.load(args.data)
+    in_shape = xtr.shape[1:]
+    classes = int(max(ytr.max(), yte.max())) + 1
+    config = {"model": args.model, "norm": args.norm, "layout": layout,
+              "in_shape": list(in_shape), "classes": classes, "hidden": 128}
+    model = train.build_model(**{k: (tuple(v) if k == "in_shape" else v)
+                                 for k, v in config.items()})
+    xtr, xte = train.to_layout(xtr, layout), train.to_layout(xte, layout)
+    nparams = sum(p.data.size for p in model.parameters())
+    print(f"fastnorm train: {args.model} with {args.norm} norm, {layout}, {nparams} parameters; "
+          f"{args.data}: {len(xtr)} train / {len(xte)} test images {tuple(in_shape)}; "
+          f"backend {fn.get_backend()}, {fn.get_num_threads()} threads, {args.optimizer} "
+          f"lr {args.lr}, batch {args.batch_size}")
+    t0 = time.perf_counter()
+    history = train.fit(model, (xtr, ytr), (xte, yte), epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                        progress=not args.no_progress)
+    total = time.perf_counter() - t0
+    final = history[-1]
+    print(f"test accuracy {final['test_acc']:.4f} ({final['test_acc'] * len(xte):.0f}/{len(xte)})"
+          f" after {args.epochs} epochs in {total:.1f} s "
+          f"({np.median([h['seconds'] for h in history]):.2f} s per epoch)")
+    if args.save:
+        fn.save(model, args.save, metadata=train.config_metadata(config))
+        print(f"saved {args.save}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "history": history, "seconds": total}, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot_history(history, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_history(history, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'fastnorm[plot]'") from None
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    a.plot(ep, [h["test_loss"] for h in history], label="test")
+    a.set_xlabel("epoch"); a.set_ylabel("cross-entropy"); a.legend()
+    b.plot(ep, [h["train_acc"] for h in history], label="train")
+    b.plot(ep, [h["test_acc"] for h in history], label="test")
+    b.set_xlabel("epoch"); b.set_ylabel("accuracy"); b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def cmd_predict(args):
+    import fastnorm as fn
+    from fastnorm import serialization, train
+
+    metadata = serialization.load_metadata(args.model)
+    model, config = train.model_from_metadata(metadata)
+    fn.load_into(model, args.model)
+    model.eval()
+    try:
+        x = np.load(args.file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.file}: cannot read a .npy array ({e})") from None
+    in_shape = tuple(config["in_shape"])
+    if x.shape == in_shape:
+        x = x[None]
+    if x.ndim == 3 and in_shape[0] == 1 and x.shape[1:] == in_shape[1:]:
+        x = x[:, None]
+    if x.shape[1:] != in_shape:
+        raise ValueError(f"{args.file}: expected images of shape {in_shape} (or a batch of "
+                         f"them), got {x.shape}")
+    x = train.to_layout(x.astype(np.float32), config["layout"])
+    with fn.inference_mode():
+        pred = model(x).data.argmax(1)
+    print(" ".join(str(int(p)) for p in pred))
+    return 0
+
+
+def _layout_arg(value):
+    from fastnorm import _checks
+    return _checks.layout(value, "--layout")
+
+
 def _median(fn, reps):
     times = []
     for _ in range(reps):
@@ -122,6 +220,29 @@ def build_parser():
     s = sub.add_parser("demo", help="BatchNorm on every backend: speed and agreement")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("train", help="train a small net on real data (default: a CNN with "
+                                     "BatchNorm on scikit-learn's 8x8 digits)")
+    s.add_argument("--model", choices=["mlp", "cnn"], default="cnn")
+    s.add_argument("--norm", choices=["batch", "group", "layer", "instance", "rms", "none"],
+                   default="batch")
+    s.add_argument("--layout", default="NCHW", help="NCHW or NHWC")
+    s.add_argument("--backend", default=None, help="cython, numba or numpy")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", default="digits", help="digits, or mnist:DIR (the four IDX files)")
+    s.add_argument("--save", default=None, metavar="PATH", help=".safetensors or .npz")
+    s.add_argument("--plot", default=None, metavar="PNG", help="loss/accuracy curves")
+    s.add_argument("--json", default=None, metavar="PATH", help="per-epoch metrics")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("predict", help="classify images with a saved model")
+    s.add_argument("--model", required=True, help="a checkpoint saved by 'fastnorm train --save'")
+    s.add_argument("file", help=".npy array of images (N, C, H, W), (N, H, W) or one image")
+    s.set_defaults(func=cmd_predict)
     return p
 
 

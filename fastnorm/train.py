@@ -1,0 +1,181 @@
+"""Training small nets on real data: the models, the loop, evaluation, checkpoints.
+
+The models are built from ``fastnorm.nn`` alone; ``build_model`` takes the same
+configuration that a checkpoint records in its metadata, so ``predict`` needs nothing else.
+"""
+import json
+import time
+
+import numpy as np
+
+from . import data as _data
+
+NORMS = ("batch", "group", "layer", "instance", "rms", "none")
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """An option value the training command cannot use."""
+
+
+def _norm_layer(nn, norm, channels, spatial, layout, dtype, model):
+    """The normalization layer after a layer with ``channels`` outputs.
+
+    In the CNN, ``layer`` is GroupNorm with one group (LayerNorm over C, H, W with
+    per-channel affine, layout-independent weights) and ``rms`` is RMSNorm over the
+    values of each sample; in the MLP, ``group`` uses 8 groups.
+    """
+    if norm == "none":
+        return None
+    if norm == "batch":
+        cls = nn.BatchNorm2d if model == "cnn" else nn.BatchNorm1d
+        return cls(channels, layout=layout, dtype=dtype)
+    if norm == "group":
+        return nn.GroupNorm(4 if model == "cnn" else 8, channels, layout=layout, dtype=dtype)
+    if norm == "layer":
+        if model == "cnn":
+            return nn.GroupNorm(1, channels, layout=layout, dtype=dtype)
+        return nn.LayerNorm(channels, dtype=dtype)
+    if norm == "instance":
+        if model != "cnn":
+            raise ConfigError("--norm instance: InstanceNorm needs spatial axes; use --model cnn")
+        return nn.InstanceNorm2d(channels, affine=True, layout=layout, dtype=dtype)
+    if norm == "rms":
+        if model == "cnn":
+            shape = (channels, *spatial) if layout == "NCHW" else (*spatial, channels)
+            return nn.RMSNorm(shape, dtype=dtype)
+        return nn.RMSNorm(channels, dtype=dtype)
+    raise ConfigError(f"--norm: expected one of {', '.join(NORMS)}, got {norm!r}")
+
+
+def build_model(model="cnn", norm="batch", layout="NCHW", in_shape=(1, 8, 8), classes=10,
+                hidden=128, dtype=np.float32):
+    """MLP: in-hidden-Norm-ReLU-64-Norm-ReLU-classes.  CNN: conv16-Norm-ReLU-conv32-Norm-
+    ReLU-maxpool2-Linear (3x3 convolutions, padding 1).  ``in_shape`` is (C, H, W)."""
+    from . import nn
+
+    if model not in MODELS:
+        raise ConfigError(f"--model: expected one of {', '.join(MODELS)}, got {model!r}")
+    if norm not in NORMS:
+        raise ConfigError(f"--norm: expected one of {', '.join(NORMS)}, got {norm!r}")
+    C, H, W = in_shape
+    layers = []
+
+    def add(*mods):
+        layers.extend(m for m in mods if m is not None)
+
+    if model == "mlp":
+        add(nn.Flatten(), nn.Linear(C * H * W, hidden, dtype=dtype),
+            _norm_layer(nn, norm, hidden, (), layout, dtype, model), nn.ReLU(),
+            nn.Linear(hidden, 64, dtype=dtype),
+            _norm_layer(nn, norm, 64, (), layout, dtype, model), nn.ReLU(),
+            nn.Linear(64, classes, dtype=dtype))
+    else:
+        bias = norm == "none"  # a norm right after a conv makes its bias redundant
+        add(nn.Conv2d(C, 16, 3, padding=1, bias=bias, layout=layout, dtype=dtype),
+            _norm_layer(nn, norm, 16, (H, W), layout, dtype, model), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=bias, layout=layout, dtype=dtype),
+            _norm_layer(nn, norm, 32, (H, W), layout, dtype, model), nn.ReLU(),
+            nn.MaxPool2d(2, layout=layout), nn.Flatten(layout=layout),
+            nn.Linear(32 * (H // 2) * (W // 2), classes, dtype=dtype))
+    return nn.Sequential(*layers)
+
+
+def to_layout(x, layout):
+    """Images are stored (N, C, H, W); the NHWC model takes (N, H, W, C)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+
+
+def make_optimizer(name, params, lr):
+    from . import optim
+
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return optim.AdamW(params, lr=lr)
+    raise ConfigError(f"--optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def evaluate(model, x, y, batch_size=256):
+    """(mean loss, accuracy) in eval mode without recording a tape."""
+    from . import autograd
+    from .ops import cross_entropy
+
+    was_training = model.training
+    model.eval()
+    loss = 0.0
+    correct = 0
+    with autograd.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size])
+            loss += float(cross_entropy(logits, y[i:i + batch_size], reduction="sum").data)
+            correct += int((logits.data.argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
+        progress=True, log=print):
+    """Train ``model``; returns a list of per-epoch metrics dicts."""
+    from .ops import cross_entropy
+
+    (xtr, ytr), (xte, yte) = train, test
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        seen = 0
+        total = 0.0
+        correct = 0
+        steps = _progress(_data.batches(xtr, ytr, batch_size), len(xtr), batch_size,
+                          f"epoch {epoch}/{epochs}", progress)
+        for xb, yb in steps:
+            if len(xb) < 2:  # a batch of one has no batch statistics
+                continue
+            logits = model(xb)
+            loss = cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.data) * len(xb)
+            correct += int((logits.data.argmax(1) == yb).sum())
+            seen += len(xb)
+        elapsed = time.perf_counter() - t0
+        test_loss, test_acc = evaluate(model, xte, yte)
+        m = {"epoch": epoch, "train_loss": total / seen, "train_acc": correct / seen,
+             "test_loss": test_loss, "test_acc": test_acc, "seconds": elapsed,
+             "samples_per_s": seen / elapsed}
+        history.append(m)
+        log(f"epoch {epoch:3d}  loss {m['train_loss']:.4f}  train acc {m['train_acc']:.4f}  "
+            f"test acc {test_acc:.4f}  {m['samples_per_s']:8.0f} samples/s")
+    return history
+
+
+def _progress(it, n, batch_size, desc, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, total=-(-n // batch_size), desc=desc, unit="batch", leave=False)
+
+
+def config_metadata(config):
+    """Checkpoint metadata (safetensors takes str -> str)."""
+    return {"fastnorm_config": json.dumps(config, sort_keys=True)}
+
+
+def model_from_metadata(metadata):
+    try:
+        config = json.loads(metadata["fastnorm_config"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("the checkpoint has no fastnorm model configuration in its "
+                          "metadata (was it saved by 'fastnorm train --save'?)") from None
+    kwargs = {k: config[k] for k in ("model", "norm", "layout", "classes", "hidden") if k in config}
+    kwargs["in_shape"] = tuple(config["in_shape"])
+    return build_model(**kwargs), config
