@@ -198,6 +198,44 @@ def cmd_predict(args):
     return 0
 
 
+def cmd_bench(args):
+    import fastnorm as fn
+    from fastnorm import _backend, bench
+
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        raise ValueError(f"--threads: expected a comma-separated list of ints, got {args.threads!r}") from None
+    if any(t < 1 for t in threads):
+        raise ValueError(f"--threads: expected positive counts, got {args.threads!r}")
+    cases = bench.all_cases()
+    if args.ops:
+        ops = {o.strip() for o in args.ops.split(",")}
+        known = {c.op for c in cases}
+        bad = ops - known
+        if bad:
+            raise ValueError(f"--ops: unknown {sorted(bad)}; expected some of {sorted(known)}")
+        cases = [c for c in cases if c.op in ops]
+    if args.quick:
+        cases = [c for c in cases if (c.op, c.shape) in bench.QUICK]
+    backends = [b for b in fn.backends() if b != "numpy"] if not args.backend else \
+        [b.strip() for b in args.backend.split(",")]
+    for b in backends:
+        _backend._resolve(b, "--backend")
+    print(f"fastnorm bench: {len(cases)} cases, backends {backends}, threads {threads}"
+          f"{', no PyTorch' if args.no_torch else ''}")
+    results = bench.run(cases, backends, threads, budget=0.1 if args.quick else 0.4,
+                        use_torch=not args.no_torch)
+    print(bench.format_table(results))
+    if args.json:
+        bench.save_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _layout_arg(value):
     from fastnorm import _checks
     return _checks.layout(value, "--layout")
@@ -239,6 +277,15 @@ def build_parser():
     s.add_argument("--json", default=None, metavar="PATH", help="per-epoch metrics")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
+    s = sub.add_parser("bench", help="normalization benchmarks vs PyTorch and memory bandwidth")
+    s.add_argument("--quick", action="store_true", help="a few shapes, under a minute")
+    s.add_argument("--threads", default="2", help="thread counts, e.g. 1,2")
+    s.add_argument("--ops", default=None, help="e.g. batch_norm,layer_norm")
+    s.add_argument("--backend", default=None, help="backends to time (default: compiled ones)")
+    s.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    s.add_argument("--json", default=None, metavar="PATH")
+    s.add_argument("--plot", default=None, metavar="PNG")
+    s.set_defaults(func=cmd_bench)
     s = sub.add_parser("predict", help="classify images with a saved model")
     s.add_argument("--model", required=True, help="a checkpoint saved by 'fastnorm train --save'")
     s.add_argument("file", help=".npy array of images (N, C, H, W), (N, H, W) or one image")
