@@ -112,10 +112,16 @@ def normalized_shape(shape, x, name="normalized_shape"):
     """The trailing shape a LayerNorm/RMSNorm normalizes over, checked against x."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
+    # Only integers: int() would silently accept 5.0 -> 5, "5" -> 5 ("abc" -> ValueError
+    # that does not name the argument).
     try:
-        shape = tuple(int(s) for s in shape)
+        items = tuple(shape) if not isinstance(shape, (str, bytes)) else None
     except TypeError:
-        raise TypeError(f"{name}: expected an int or a tuple of ints, got {shape!r}") from None
+        items = None
+    if items is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                for s in items):
+        raise TypeError(f"{name}: expected an int or a tuple of ints, got {shape!r}")
+    shape = tuple(int(s) for s in items)
     if len(shape) == 0 or any(s <= 0 for s in shape):
         raise ValueError(f"{name}: expected a non-empty tuple of positive ints, got {shape}")
     if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
