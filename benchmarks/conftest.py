@@ -1,0 +1,20 @@
+"""Benchmark options: ``--threads N`` (default 2) for both fastnorm and PyTorch."""
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--threads", type=int, default=2,
+                     help="threads for fastnorm and PyTorch in the norm benchmarks (default 2)")
+
+
+@pytest.fixture(scope="session")
+def threads(request):
+    n = request.config.getoption("--threads")
+    import fastnorm
+    fastnorm.set_num_threads(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    return n

@@ -1,0 +1,147 @@
+"""Markdown table of a norm benchmark run.
+
+    python3 -m pytest benchmarks --benchmark-json=/tmp/bench.json -q
+    python3 benchmarks/report.py /tmp/bench.json
+
+One row per (op, shape, layout, pass): the median time of each fastnorm backend, of
+PyTorch and of the copy of x; fastnorm's speedup over PyTorch (torch time / fastnorm
+time, > 1 is faster) and its fraction of the bandwidth bound (bound / time, 1 = as fast
+as the memory traffic the pass cannot avoid).  The bound is the copy time times the
+copies a pass needs: a forward reads and writes x once (1 copy), so does eval (1 copy);
+forward+backward is 5 passes over x-sized arrays (forward read + write, backward reads x
+and dy and writes dx) = 2.5 copies.  Geometric means close the table.
+"""
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+
+COPIES = {"forward": 1.0, "eval": 1.0, "fwd+bwd": 2.5}
+PASS_ORDER = {"forward": 0, "eval": 1, "fwd+bwd": 2}
+BACKEND_ORDER = ["cython", "numba", "numpy"]
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "–"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _fmt_ratio(r):
+    return "–" if r is None else f"{r:.2f}"
+
+
+def _geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = defaultdict(dict)   # (op, shape, layout, pass) -> impl -> median seconds
+    threads = set()
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "op" not in info:
+            continue
+        key = (info["op"], tuple(info["shape"]), info["layout"], info["pass_"])
+        rows[key][info["impl"]] = b["stats"]["median"]
+        threads.add(info.get("threads"))
+    return data, rows, threads
+
+
+def table(rows):
+    """Markdown lines of the table (rows sorted by op, shape, layout, pass)."""
+    impls = {i for r in rows.values() for i in r}
+    backends = [b for b in BACKEND_ORDER if b in impls]
+    compiled = [b for b in backends if b != "numpy"]
+    head = (["op", "shape", "layout", "pass"] + [f"{b}" for b in backends]
+            + ["torch", "copy"] + [f"×torch {b}" for b in compiled]
+            + [f"of bound {b}" for b in compiled] + ["of bound torch"])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    speedups = defaultdict(list)   # (backend, pass) -> values
+    bounds = defaultdict(list)
+    order = sorted(rows, key=lambda k: (k[0], k[1], k[2], PASS_ORDER.get(k[3], 9)))
+    for key in order:
+        op, shape, layout, pass_ = key
+        r = rows[key]
+        torch_t, copy_t = r.get("torch"), r.get("copy")
+        bound = None if copy_t is None else copy_t * COPIES.get(pass_, 1.0)
+        cells = [op, "×".join(map(str, shape)), layout, pass_]
+        cells += [_fmt_time(r.get(b)) for b in backends]
+        cells += [_fmt_time(torch_t), _fmt_time(copy_t)]
+        for b in compiled:
+            s = None if torch_t is None or r.get(b) is None else torch_t / r[b]
+            speedups[(b, pass_)].append(s)
+            cells.append(_fmt_ratio(s))
+        for b in compiled + ["torch"]:
+            t = r.get(b)
+            f = None if bound is None or t is None else bound / t
+            bounds[(b, pass_)].append(f)
+            cells.append(_fmt_ratio(f))
+        lines.append("| " + " | ".join(cells) + " |")
+    passes = sorted({k[3] for k in rows}, key=lambda p: PASS_ORDER.get(p, 9))
+    for label, selected in [(f"geomean {p}", [p]) for p in passes] + [("geomean all", passes)]:
+        cells = [f"**{label}**", "", "", ""] + [""] * (len(backends) + 2)
+        for b in compiled:
+            cells.append("**" + _fmt_ratio(_geomean(
+                [v for p in selected for v in speedups[(b, p)]])) + "**")
+        for b in compiled + ["torch"]:
+            cells.append("**" + _fmt_ratio(_geomean(
+                [v for p in selected for v in bounds[(b, p)]])) + "**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def header(data, threads):
+    m = data.get("machine_info", {})
+    c = data.get("commit_info", {})
+    cpu = m.get("cpu", {})
+    cpu_name = cpu.get("brand_raw") or m.get("processor") or "?"
+    when = data.get("datetime", "?")
+    commit = c.get("id", "?")[:10] + (" (dirty)" if c.get("dirty") else "")
+    th = ", ".join(str(t) for t in sorted(t for t in threads if t is not None)) or "?"
+    return [
+        f"Norm benchmarks, float32, {th} thread(s) for fastnorm and PyTorch "
+        f"(`fastnorm.set_num_threads`, `torch.set_num_threads`).",
+        f"Run {when} on {cpu_name} ({cpu.get('count', '?')} CPUs), Python "
+        f"{m.get('python_version', '?')}, commit {commit}.",
+        "",
+        "How it was run: `python3 -m pytest benchmarks --benchmark-json=FILE` "
+        "(pytest-benchmark, median of the rounds, at most 0.5 s per implementation).  Each "
+        "implementation is timed in its own block, one test per implementation, and the "
+        "tests run implementation by implementation (all fastnorm backends, then numpy and "
+        "copy, then all PyTorch), so fastnorm and PyTorch calls are never interleaved (two "
+        "OpenMP runtimes: ~37% lost when they are); each is called once before timing.  "
+        "fastnorm BatchNorm uses preallocated `out=` buffers; PyTorch NHWC is a "
+        "channels-last view of the same bytes; PyTorch forward+backward is the forward with "
+        "`requires_grad` then `.backward(dy)` (grads set to None between rounds).",
+        "",
+        "Columns: median times; ×torch = torch time / fastnorm time (> 1: fastnorm faster); "
+        "of bound = (copy time × copies of the pass) / time, with 1 copy for forward and "
+        "eval and 2.5 copies for forward+backward.",
+        "",
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="a file written by pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    data, rows, threads = load(args.json)
+    if not rows:
+        print(f"{args.json}: no norm benchmarks found", file=sys.stderr)
+        return 1
+    print("\n".join(header(data, threads) + table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

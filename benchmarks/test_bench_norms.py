@@ -1,0 +1,275 @@
+"""Norm benchmarks: fastnorm backends vs PyTorch vs a memory copy of the same bytes.
+
+One pytest-benchmark group per (op, shape, layout, pass); in each group the
+implementations are every compiled fastnorm backend, ``numpy`` (the reference, small
+shapes only), ``torch`` (``torch.nn.functional``; NHWC as a channels-last view of the
+same bytes) and ``copy`` (``np.copyto(out, x)``, the bandwidth yardstick).  Everything is
+float32 on ``--threads`` threads (default 2) for fastnorm and PyTorch alike.
+
+Passes: ``forward`` (training forward: batch statistics, running buffers updated for
+BatchNorm), ``eval`` (BatchNorm with running statistics), ``fwd+bwd`` (the training
+forward then the backward of a given dy: dx, dweight, dbias; PyTorch through autograd
+with ``.backward(dy)``).  fastnorm's BatchNorm writes into preallocated ``out=`` buffers;
+the other norms' functional API has no ``out=`` and allocates, as PyTorch does.
+
+Calls of fastnorm and PyTorch interleaved one by one cost ~37% (two OpenMP runtimes,
+see PITFALLS), so the tests are ordered implementation by implementation: all fastnorm
+blocks, then numpy and copy, then all PyTorch blocks; each is called once before timing.
+
+    python3 -m pytest benchmarks --benchmark-disable -q     # correctness smoke run
+    python3 -m pytest benchmarks --benchmark-json=/tmp/bench.json -q
+    python3 benchmarks/report.py /tmp/bench.json
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import fastnorm as fn
+import fastnorm.functional as F
+
+try:
+    import torch
+    import torch.nn.functional as TF
+except ImportError:  # the fastnorm and copy benchmarks still run
+    torch = None
+
+
+@dataclass(frozen=True)
+class Bench:
+    op: str
+    shape: tuple
+    layout: str      # NCHW / NHWC, "-" for LayerNorm and RMSNorm
+    passes: tuple
+    arg: object = None   # num_groups, or the normalized last dimension
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    def label(self, pass_):
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.layout} {pass_}"
+
+
+def _nhwc(shape):
+    return (shape[0], *shape[2:], shape[1])
+
+
+def _cases():
+    cases = []
+    for shape in [(32, 16, 8, 8), (8, 256, 14, 14), (64, 64, 56, 56), (256, 32, 28, 28),
+                  (128, 512)]:
+        for layout in ("NCHW", "NHWC"):
+            cases.append(Bench("batch_norm", shape if layout == "NCHW" else _nhwc(shape),
+                               layout, ("forward", "eval", "fwd+bwd")))
+    for shape in [(64, 128, 768), (4096, 1024), (8, 1048576), (32, 16)]:
+        cases.append(Bench("layer_norm", shape, "-", ("forward", "fwd+bwd"), shape[-1]))
+    for layout in ("NCHW", "NHWC"):
+        s = (16, 256, 28, 28)
+        cases.append(Bench("group_norm", s if layout == "NCHW" else _nhwc(s), layout,
+                           ("forward", "fwd+bwd"), 32))
+        s = (16, 64, 64, 64)
+        cases.append(Bench("instance_norm", s if layout == "NCHW" else _nhwc(s), layout,
+                           ("forward", "fwd+bwd")))
+    cases.append(Bench("rms_norm", (64, 128, 768), "-", ("forward", "fwd+bwd"), 768))
+    return cases
+
+
+CASES = _cases()
+NUMPY_MAX_SIZE = 1 << 17   # the reference backend runs on small shapes only
+COMPILED = [b for b in fn.backends() if b != "numpy"]
+IMPLS = COMPILED + ["numpy", "copy"] + (["torch"] if torch is not None else [])
+
+
+def _params():
+    out = []
+    for impl in IMPLS:  # implementation outermost: each library timed in its own blocks
+        for case in CASES:
+            if impl == "numpy" and case.size > NUMPY_MAX_SIZE:
+                continue
+            for pass_ in case.passes:
+                out.append(pytest.param(impl, case, pass_,
+                                        id=f"{impl}-{case.label(pass_).replace(' ', '-')}"))
+    return out
+
+
+# ------------------------------------------------------------------------- data ----
+def _channels(case):
+    if case.layout == "-":
+        return case.arg
+    return case.shape[1] if case.layout == "NCHW" else case.shape[-1]
+
+
+def _data(case):
+    rng = np.random.default_rng(0)
+    C = _channels(case)
+    x = rng.standard_normal(case.shape, dtype=np.float32) * 2 + 0.5
+    d = {"x": x, "dy": rng.standard_normal(case.shape, dtype=np.float32),
+         "y": np.empty_like(x), "dx": np.empty_like(x),
+         "weight": rng.uniform(0.5, 1.5, C).astype(np.float32),
+         "bias": rng.standard_normal(C).astype(np.float32),
+         "running_mean": np.zeros(C, np.float32), "running_var": np.ones(C, np.float32)}
+    if case.op == "instance_norm":  # InstanceNorm2d's defaults: no affine, no buffers
+        d["weight"] = d["bias"] = None
+    if case.op == "rms_norm":
+        d["bias"] = None
+    return d
+
+
+# -------------------------------------------------------------------- fastnorm ----
+def _fastnorm_call(case, pass_, d):
+    """A zero-argument callable running the pass, returning (y,) or (y, dx, dw, db)."""
+    x, dy, w, b, L = d["x"], d["dy"], d["weight"], d["bias"], case.layout
+    op = case.op
+    if op == "batch_norm":
+        rm, rv = d["running_mean"], d["running_var"]
+        if pass_ == "forward":
+            return lambda: (F.batch_norm(x, rm, rv, w, b, training=True, layout=L, out=d["y"]),)
+        if pass_ == "eval":
+            return lambda: (F.batch_norm(x, rm, rv, w, b, training=False, layout=L,
+                                         out=d["y"]),)
+
+        def fwd_bwd():
+            y, mean, invstd = F.batch_norm_train(x, w, b, layout=L, out=d["y"])
+            return (y, *F.batch_norm_backward(dy, x, mean, invstd, w, layout=L, out=d["dx"]))
+        return fwd_bwd
+    if op == "layer_norm":
+        ns = (case.arg,)
+        if pass_ == "forward":
+            return lambda: (F.layer_norm(x, ns, w, b),)
+
+        def fwd_bwd():
+            y, mean, invstd = F.layer_norm_train(x, ns, w, b)
+            return (y, *F.layer_norm_backward(dy, x, mean, invstd, ns, w))
+        return fwd_bwd
+    if op == "group_norm":
+        G = case.arg
+        if pass_ == "forward":
+            return lambda: (F.group_norm(x, G, w, b, layout=L),)
+
+        def fwd_bwd():
+            y, mean, invstd = F.group_norm_train(x, G, w, b, layout=L)
+            return (y, *F.group_norm_backward(dy, x, mean, invstd, G, w, layout=L))
+        return fwd_bwd
+    if op == "instance_norm":
+        if pass_ == "forward":
+            return lambda: (F.instance_norm(x, weight=w, bias=b, layout=L),)
+
+        def fwd_bwd():
+            y, mean, invstd = F.instance_norm_train(x, w, b, layout=L)
+            return (y, *F.instance_norm_backward(dy, x, mean, invstd, w, layout=L))
+        return fwd_bwd
+    if op == "rms_norm":
+        ns = (case.arg,)
+        if pass_ == "forward":
+            return lambda: (F.rms_norm(x, ns, w),)
+
+        def fwd_bwd():
+            y, invrms = F.rms_norm_train(x, ns, w)
+            dx, dw = F.rms_norm_backward(dy, x, invrms, ns, w)
+            return (y, dx, dw, None)
+        return fwd_bwd
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------- torch ----
+def _to_torch(a, case):
+    t = torch.from_numpy(a)
+    return t.movedim(-1, 1) if case.layout == "NHWC" else t  # a channels-last view
+
+
+def _from_torch(t, case):
+    t = t.detach()
+    return (t.movedim(1, -1) if case.layout == "NHWC" else t).numpy()
+
+
+def _torch_call(case, pass_, d):
+    train = pass_ != "eval"
+    grad = pass_ == "fwd+bwd"
+    xt = _to_torch(d["x"], case)
+    dyt = _to_torch(d["dy"], case)
+    params = {k: (None if d[k] is None else torch.from_numpy(d[k].copy()))
+              for k in ("weight", "bias", "running_mean", "running_var")}
+    wt, bt = params["weight"], params["bias"]
+    if grad:
+        xt = xt.detach().requires_grad_(True)
+        for t in (wt, bt):
+            if t is not None:
+                t.requires_grad_(True)
+    op = case.op
+
+    def forward():
+        if op == "batch_norm":
+            return TF.batch_norm(xt, params["running_mean"], params["running_var"], wt, bt,
+                                 training=train)
+        if op == "layer_norm":
+            return TF.layer_norm(xt, (case.arg,), wt, bt)
+        if op == "group_norm":
+            return TF.group_norm(xt, case.arg, wt, bt)
+        if op == "instance_norm":
+            return TF.instance_norm(xt, weight=wt, bias=bt)
+        return TF.rms_norm(xt, (case.arg,), wt)
+
+    if not grad:
+        return lambda: (forward(),)
+
+    def fwd_bwd():
+        for t in (xt, wt, bt):
+            if t is not None:
+                t.grad = None  # like zero_grad(set_to_none=True): no accumulation pass
+        y = forward()
+        y.backward(dyt)
+        return (y, xt.grad, None if wt is None else wt.grad, None if bt is None else bt.grad)
+    return fwd_bwd
+
+
+# ----------------------------------------------------------------------- check ----
+def _reference(case, pass_, d):
+    """The NumPy reference backend's result on fresh copies of the data."""
+    ref = {k: (None if v is None else v.copy()) for k, v in d.items()}
+    ref["running_mean"][:] = 0
+    ref["running_var"][:] = 1
+    with fn.use_backend("numpy"):
+        return _fastnorm_call(case, pass_, ref)()
+
+
+def _check(case, pass_, result, d):
+    expected = _reference(case, pass_, d)
+    for name, got, exp in zip(("y", "dx", "dweight", "dbias"), result, expected):
+        if exp is None:
+            continue
+        got = np.asarray(got)
+        scale = float(np.max(np.abs(exp)))
+        np.testing.assert_allclose(got, exp, rtol=1e-3, atol=1e-3 * scale,
+                                   err_msg=f"{case.label(pass_)}: {name}")
+
+
+# ----------------------------------------------------------------------- bench ----
+@pytest.mark.benchmark(max_time=0.5, min_rounds=5)
+@pytest.mark.parametrize("impl,case,pass_", _params())
+def test_norm(benchmark, threads, impl, case, pass_):
+    benchmark.group = case.label(pass_)
+    benchmark.extra_info.update(op=case.op, shape=list(case.shape), layout=case.layout,
+                                pass_=pass_, impl=impl, threads=threads, dtype="float32",
+                                bytes=case.size * 4)
+    d = _data(case)
+    if impl == "copy":
+        out = np.empty_like(d["x"])
+        run = lambda: np.copyto(out, d["x"])  # noqa: E731
+        run()
+        benchmark(run)
+        np.testing.assert_array_equal(out, d["x"])
+        return
+    if impl == "torch":
+        run = _torch_call(case, pass_, d)
+        result = [_from_torch(t, case) if t is not None and t.dim() == len(case.shape)
+                  else (None if t is None else t.detach().numpy()) for t in run()]
+        benchmark(run)
+    else:
+        with fn.use_backend(impl):
+            run = _fastnorm_call(case, pass_, d)
+            result = [None if r is None else np.array(r) for r in run()]
+            benchmark(run)
+    if not benchmark.enabled:  # --benchmark-disable: a correctness smoke run
+        _check(case, pass_, result, d)
