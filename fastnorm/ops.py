@@ -568,6 +568,14 @@ def _chebyshev(coefs, u):
     return u * b1 - b2 + coefs[0]
 
 
+def _exp_minus_square(z):
+    """exp(-z*z) without the rounding error of z*z (which exp would amplify by z^2):
+    z = hi + lo with hi on a 2^-16 grid, so hi*hi is exact for z < 2^10."""
+    hi = np.floor(z * 65536.0) / 65536.0
+    lo = z - hi
+    return np.exp(-hi * hi) * np.exp(-(2.0 * hi + lo) * lo)
+
+
 def _erfc_nonnegative(z):
     """erfc(z) for a float64 array z >= 0 (NaN propagates), relative error < 1e-15."""
     out = np.empty_like(z)
@@ -579,11 +587,11 @@ def _erfc_nonnegative(z):
         out[small] = 1.0 - zs * _chebyshev(_ERF_A, 2.0 * zs * zs - 1.0)
     if middle.any():
         zm = z[middle]
-        out[middle] = np.exp(-zm * zm) * _chebyshev(_ERFCX_B, zm - 2.0)
+        out[middle] = _exp_minus_square(zm) * _chebyshev(_ERFCX_B, zm - 2.0)
     if large.any():
         zl = z[large]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            val = np.exp(-zl * zl) / zl * _chebyshev(_ZERFCX_C, 18.0 / (zl * zl) - 1.0)
+            val = _exp_minus_square(zl) / zl * _chebyshev(_ZERFCX_C, 18.0 / (zl * zl) - 1.0)
         out[large] = np.where(np.isinf(zl), 0.0, val)
     return out
 
@@ -591,7 +599,13 @@ def _erfc_nonnegative(z):
 def erf(x):
     """The error function of an array, in float64 (accurate to a few ulp)."""
     x = np.asarray(x, np.float64)
-    return np.sign(x) * (1.0 - _erfc_nonnegative(np.abs(x)))
+    z = np.abs(x)
+    out = np.sign(x) * (1.0 - _erfc_nonnegative(z))
+    small = z < 1.0  # erf = z * A directly: 1 - erfc would lose relative accuracy
+    if small.any():
+        xs = x[small]
+        out[small] = xs * _chebyshev(_ERF_A, 2.0 * xs * xs - 1.0)
+    return out
 
 
 def erfc(x):
@@ -1070,7 +1084,7 @@ class CrossEntropy(Function):
     def forward(ctx, logits, target, reduction="mean", label_smoothing=0.0):
         logits = np.asarray(logits)
         axis = 1 if logits.ndim >= 2 else 0
-        lg = np.moveaxis(logits, axis, -1)  # classes last
+        lg = np.ascontiguousarray(np.moveaxis(logits, axis, -1))  # classes last, rows
         logp = _log_softmax(lg, -1)
         C = lg.shape[-1]
         picked = np.take_along_axis(logp, target[..., None].astype(np.intp), axis=-1)[..., 0]
