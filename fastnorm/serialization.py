@@ -88,7 +88,8 @@ def _state_of(obj):
             raise TypeError(f"state dict: expected str keys, got {k!r}")
         if k == _NPZ_METADATA:
             raise ValueError(f"state dict: the key {k!r} is reserved for metadata")
-        out[k] = np.ascontiguousarray(v)
+        v = np.asarray(v)
+        out[k] = v if v.flags.c_contiguous else v.copy(order="C")  # keeps 0-d arrays 0-d
     return out
 
 
