@@ -31,67 +31,90 @@ __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "inference_mode",
 
 
 # ------------------------------------------------------------------------ grad mode ----
-_mode = threading.local()
+class _Mode(threading.local):
+    enabled = True  # every thread starts with grad enabled
+
+    def __init__(self):
+        self.saved = []  # the modes that enclosing ``with`` blocks will restore
+
+
+_mode = _Mode()
 
 
 def is_grad_enabled():
     """True when ops record for backward in this thread (the default)."""
-    return getattr(_mode, "enabled", True)
+    return _mode.enabled
 
 
 class _GradMode(contextlib.ContextDecorator):
-    """Set grad mode for a ``with`` block (or a decorated function), this thread only."""
-    enabled = True
+    """Sets grad mode for a ``with`` block or a decorated function, in this thread only.
+    The mode to restore is kept per thread, so one instance can be shared by threads and
+    nested.  ``new_mode()`` is the mode inside (None: leave it)."""
+
+    def new_mode(self):
+        raise NotImplementedError
 
     def __enter__(self):
-        self._previous = is_grad_enabled()
-        _mode.enabled = self.enabled
+        _mode.saved.append(_mode.enabled)
+        mode = self.new_mode()
+        if mode is not None:
+            _mode.enabled = mode
         return self
 
     def __exit__(self, *exc):
-        _mode.enabled = self._previous
+        _mode.enabled = _mode.saved.pop()
         return False
 
-    def _recreate_cm(self):  # a fresh object per call when used as a decorator
-        return type(self)()
+
+class _NoArgGradMode(_GradMode):
+    """Usable as ``with m():``, ``@m()`` and ``@m`` (like PyTorch)."""
+
+    def __new__(cls, func=None):
+        self = super().__new__(cls)
+        return self(func) if callable(func) else self
+
+    def __init__(self, func=None):
+        pass
 
 
-class no_grad(_GradMode):
+class no_grad(_NoArgGradMode):
     """Nothing inside is recorded: results do not require grad (like ``torch.no_grad``)."""
-    enabled = False
+
+    def new_mode(self):
+        return False
 
 
-class enable_grad(_GradMode):
+class enable_grad(_NoArgGradMode):
     """Turn recording back on inside a ``no_grad`` block."""
-    enabled = True
+
+    def new_mode(self):
+        return True
 
 
 class inference_mode(_GradMode):
-    """Like ``no_grad``: nothing is recorded (``torch.inference_mode``).  ``mode=False``
-    leaves grad mode as it is."""
+    """Like ``no_grad``: nothing is recorded (``torch.inference_mode``); ``mode=False``
+    leaves grad mode as it is.  Also a decorator, with or without parentheses."""
+
+    def __new__(cls, mode=True):
+        self = super().__new__(cls)
+        self.mode = True if callable(mode) else bool(mode)
+        return self(mode) if callable(mode) else self
 
     def __init__(self, mode=True):
-        self.mode = bool(mode)
-        self.enabled = False
+        pass
 
-    def __enter__(self):
-        self._previous = is_grad_enabled()
-        if self.mode:
-            _mode.enabled = False
-        return self
-
-    def _recreate_cm(self):
-        return type(self)(self.mode)
+    def new_mode(self):
+        return False if self.mode else None
 
 
 class set_grad_enabled(_GradMode):
     """Set grad mode to ``mode`` for a block (like ``torch.set_grad_enabled``)."""
 
     def __init__(self, mode):
-        self.enabled = bool(mode)
+        self.mode = bool(mode)
 
-    def _recreate_cm(self):
-        return type(self)(self.enabled)
+    def new_mode(self):
+        return self.mode
 
 
 # ---------------------------------------------------------------------------- tape ----
@@ -135,9 +158,9 @@ def record(op, ctx, inputs, out):
     """Wrap an op's output array in a Tensor and, if ``ctx.needs_input_grad`` has a True,
     append the op to the tape.  Called by ``fastnorm.ops.Function.apply``."""
     t = Tensor(out)
-    if any(ctx.needs_input_grad):
-        targets = tuple((a._record if a._record is not None else a) if needs else None
-                        for a, needs in zip(inputs, ctx.needs_input_grad))
+    if True in ctx.needs_input_grad:
+        targets = tuple([(a._record if a._record is not None else a) if needs else None
+                         for a, needs in zip(inputs, ctx.needs_input_grad)])
         t._record = _Record(op, ctx, targets, t.data.shape, t.data.dtype)
         t.requires_grad = True
     return t
@@ -208,9 +231,8 @@ def run_backward(root, grad, retain_graph=False):
 
 
 # -------------------------------------------------------------------------- Tensor ----
-def _ops():
-    from . import ops
-    return ops
+def _plain(x):
+    return x.data if isinstance(x, Tensor) else x
 
 
 class Tensor:
@@ -254,6 +276,33 @@ class Tensor:
         if self.data.ndim == 0:
             raise TypeError("len() of a 0-d tensor")
         return len(self.data)
+
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(t)`` gives the data (outside the graph)."""
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return self.data if dtype is None else self.data.astype(dtype, copy=False)
+
+    def __bool__(self):
+        if self.data.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.data.shape} is "
+                             f"ambiguous; use .data.any() or .data.all()")
+        return bool(self.data)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    # Comparisons give boolean tensors outside the graph (as in PyTorch).
+    def __eq__(self, other): return Tensor(self.data == _plain(other))
+    def __ne__(self, other): return Tensor(self.data != _plain(other))
+    def __lt__(self, other): return Tensor(self.data < _plain(other))
+    def __le__(self, other): return Tensor(self.data <= _plain(other))
+    def __gt__(self, other): return Tensor(self.data > _plain(other))
+    def __ge__(self, other): return Tensor(self.data >= _plain(other))
+    __hash__ = object.__hash__  # identity, so tensors can key dicts and sets
 
     def __repr__(self):
         extra = ""
@@ -323,63 +372,63 @@ class Tensor:
         run_backward(self, grad, retain_graph)
 
     # -- operators -----------------------------------------------------------------------
-    def __add__(self, other): return _ops().add(self, other)
-    def __radd__(self, other): return _ops().add(other, self)
-    def __sub__(self, other): return _ops().sub(self, other)
-    def __rsub__(self, other): return _ops().sub(other, self)
-    def __mul__(self, other): return _ops().mul(self, other)
-    def __rmul__(self, other): return _ops().mul(other, self)
-    def __truediv__(self, other): return _ops().div(self, other)
-    def __rtruediv__(self, other): return _ops().div(other, self)
-    def __matmul__(self, other): return _ops().matmul(self, other)
-    def __rmatmul__(self, other): return _ops().matmul(other, self)
-    def __pow__(self, exponent): return _ops().pow(self, exponent)
-    def __rpow__(self, base): return _ops().pow(base, self)
-    def __neg__(self): return _ops().neg(self)
+    def __add__(self, other): return _op.add(self, other)
+    def __radd__(self, other): return _op.add(other, self)
+    def __sub__(self, other): return _op.sub(self, other)
+    def __rsub__(self, other): return _op.sub(other, self)
+    def __mul__(self, other): return _op.mul(self, other)
+    def __rmul__(self, other): return _op.mul(other, self)
+    def __truediv__(self, other): return _op.div(self, other)
+    def __rtruediv__(self, other): return _op.div(other, self)
+    def __matmul__(self, other): return _op.matmul(self, other)
+    def __rmatmul__(self, other): return _op.matmul(other, self)
+    def __pow__(self, exponent): return _op.pow(self, exponent)
+    def __rpow__(self, base): return _op.pow(base, self)
+    def __neg__(self): return _op.neg(self)
     def __pos__(self): return self
-    def __getitem__(self, index): return _ops().getitem(self, index)
+    def __getitem__(self, index): return _op.getitem(self, index)
 
     # -- methods -------------------------------------------------------------------------
     def sum(self, axis=None, keepdims=False):
-        return _ops().sum(self, axis, keepdims)
+        return _op.sum(self, axis, keepdims)
 
     def mean(self, axis=None, keepdims=False):
-        return _ops().mean(self, axis, keepdims)
+        return _op.mean(self, axis, keepdims)
 
     def reshape(self, *shape):
-        return _ops().reshape(self, *shape)
+        return _op.reshape(self, *shape)
 
     def flatten(self, start_dim=0, end_dim=-1):
-        return _ops().flatten(self, start_dim, end_dim)
+        return _op.flatten(self, start_dim, end_dim)
 
     def transpose(self, *axes):
         """NumPy's transpose: ``axes`` is a permutation of all axes (none: reversed).
         ``swapaxes(a, b)`` is PyTorch's two-axis ``transpose``."""
-        return _ops().transpose(self, *axes)
+        return _op.transpose(self, *axes)
 
     def permute(self, *axes):
-        return _ops().transpose(self, *axes)
+        return _op.transpose(self, *axes)
 
     def swapaxes(self, axis1, axis2):
         perm = list(range(self.ndim))
         perm[axis1], perm[axis2] = perm[axis2], perm[axis1]
-        return _ops().transpose(self, perm)
+        return _op.transpose(self, perm)
 
     @property
     def T(self):
-        return _ops().transpose(self)
+        return _op.transpose(self)
 
-    def exp(self): return _ops().exp(self)
-    def log(self): return _ops().log(self)
-    def relu(self): return _ops().relu(self)
-    def sigmoid(self): return _ops().sigmoid(self)
-    def tanh(self): return _ops().tanh(self)
+    def exp(self): return _op.exp(self)
+    def log(self): return _op.log(self)
+    def relu(self): return _op.relu(self)
+    def sigmoid(self): return _op.sigmoid(self)
+    def tanh(self): return _op.tanh(self)
 
     def softmax(self, axis=-1):
-        return _ops().softmax(self, axis)
+        return _op.softmax(self, axis)
 
     def log_softmax(self, axis=-1):
-        return _ops().log_softmax(self, axis)
+        return _op.log_softmax(self, axis)
 
 
 def tensor(data, requires_grad=False, dtype=None):
@@ -402,3 +451,7 @@ def unbroadcast(grad, shape):
     if axes:
         grad = grad.sum(axis=axes, keepdims=True)
     return grad
+
+
+# The ops registry imports this module, so it is bound last, for the Tensor methods.
+from . import ops as _op  # noqa: E402

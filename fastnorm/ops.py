@@ -75,10 +75,11 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **params):
-        grad_on = is_grad_enabled()
-        ctx = Context(tuple(grad_on and isinstance(a, Tensor) and a.requires_grad
-                            for a in args))
-        out = cls.forward(ctx, *(_value(a) for a in args), **params)
+        if is_grad_enabled():
+            ctx = Context(tuple([isinstance(a, Tensor) and a.requires_grad for a in args]))
+        else:
+            ctx = Context((False,) * len(args))
+        out = cls.forward(ctx, *[_value(a) for a in args], **params)
         return record(cls, ctx, args, out)
 
 

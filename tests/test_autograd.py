@@ -46,6 +46,19 @@ def test_tensor_attributes_and_helpers():
         y.requires_grad_(False)
 
 
+def test_conversions_and_comparisons():
+    t = fn.tensor(np.arange(3.0), requires_grad=True)
+    np.testing.assert_array_equal(np.asarray(t), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal((t > 0.5).data, [False, True, True])
+    eq = t == 1.0
+    assert isinstance(eq, Tensor) and not eq.requires_grad
+    assert bool(t[1] == 1.0) and float(t.sum()) == 3.0 and int(t[2]) == 2
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(t)
+    assert {t: 1}[t] == 1  # hashable by identity
+    assert t.flatten().shape == (3,) and leaf(2, 3).swapaxes(0, 1).shape == (3, 2)
+
+
 def test_dtype_is_kept_with_python_and_numpy_scalars():
     x = leaf(3, dtype=np.float32)
     for y in (x + 1.5, 2.0 * x, x - 1, 1 - x, x / 3.0, 3.0 / x, x ** 2, x.exp() ** 0.5, -x,
@@ -251,6 +264,29 @@ def test_no_grad_enable_grad_inference_mode():
 
     out, enabled = f(x)
     assert not out.requires_grad and not enabled and fn.is_grad_enabled()
+
+
+def test_grad_mode_decorators_without_parentheses_and_shared_instances():
+    @fn.no_grad
+    def f():
+        return fn.is_grad_enabled()
+
+    @fn.inference_mode
+    def g():
+        return fn.is_grad_enabled()
+
+    assert f() is False and g() is False and fn.is_grad_enabled()
+    shared = fn.no_grad()
+    with shared:
+        with shared:
+            with fn.enable_grad():
+                assert fn.is_grad_enabled()
+            assert not fn.is_grad_enabled()
+        assert not fn.is_grad_enabled()
+    assert fn.is_grad_enabled()
+    with fn.autograd.set_grad_enabled(False):
+        assert not fn.is_grad_enabled()
+    assert fn.is_grad_enabled()
 
 
 def test_grad_mode_is_restored_after_an_exception():

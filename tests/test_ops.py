@@ -189,6 +189,19 @@ def test_gradcheck_rms_norm(affine):
     assert gradcheck(lambda x, w: ops.rms_norm(x, 4, w, eps=1e-3), [leaf(3, 4, scale=2.0), w])
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_gradcheck_norms_on_each_backend(backend):
+    if backend not in fn.backends():
+        pytest.skip(f"backend {backend} unavailable")
+    w, b = _affine(4, True)
+    with fn.use_backend(backend):
+        assert gradcheck(lambda x, w, b: ops.batch_norm(x, None, None, w, b, training=True,
+                                                        layout="NHWC"),
+                         [leaf(3, 2, 2, 4), w, b])
+        assert gradcheck(lambda x, w, b: ops.group_norm(x, 2, w, b), [leaf(3, 4, 5), w, b])
+        assert gradcheck(lambda x, w: ops.rms_norm(x, 4, w), [leaf(3, 4), w])
+
+
 def test_norm_param_grads_alone_and_bias_without_weight():
     x = Tensor(rand(4, 3, 5))  # input without grad: only the parameters learn
     w, b = leaf(3, seed=1), leaf(3, seed=2)
