@@ -392,10 +392,20 @@ class Module:
         return head + "\n" + "\n".join(lines) + "\n)"
 
     def _check_dtype(self, x):
-        if x.dtype != self.dtype:
+        """An input of another dtype than the module's parameters and buffers is a
+        TypeError (no silent casts).  Modules without any (a norm with affine=False and no
+        running statistics) take float32 and float64 alike."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: input: expected a fastnorm.Tensor or a "
+                            f"numpy.ndarray, got {type(x).__name__}")
+        if x.dtype != self.dtype and self._has_state():
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match "
                             f"the module's dtype {self.dtype} (build the module with "
                             f"dtype=np.{x.dtype} or cast the input to {self.dtype})")
+
+    def _has_state(self):
+        return (any(p is not None for p in self._parameters.values())
+                or any(b is not None for b in self._buffers.values()))
 
 
 # ----------------------------------------------------------------------- containers ----
@@ -606,12 +616,16 @@ class Dropout(Module):
 
 
 class Flatten(Module):
-    """Flattens dimensions ``start_dim..end_dim``.  With ``layout="NHWC"`` a
+    """Flattens dimensions ``start_dim..end_dim``.  The second positional argument is
+    ``layout`` (fastnorm's API), so ``end_dim`` is best passed by keyword.  With ``layout="NHWC"`` a
     channels-last input is flattened in PyTorch's (C, H, W) order, so the Linear after
     it takes a PyTorch (NCHW) model's weights unchanged."""
 
-    def __init__(self, start_dim=1, end_dim=-1, layout="NCHW"):
+    def __init__(self, start_dim=1, layout="NCHW", end_dim=-1):
         super().__init__()
+        for name, v in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name}: expected an int, got {v!r}")
         self.start_dim = int(start_dim)
         self.end_dim = int(end_dim)
         self.layout = _checks.layout(layout)

@@ -333,6 +333,15 @@ def test_input_dtype_mismatch_is_a_type_error(make, x):
         m(x)
 
 
+def test_modules_without_parameters_take_either_dtype():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float64)
+    assert nn.InstanceNorm1d(3)(x).dtype == np.float64
+    assert nn.LayerNorm(4, elementwise_affine=False)(x).dtype == np.float64
+    assert nn.ReLU()(x).dtype == np.float64
+    with pytest.raises(TypeError, match="Tensor or a numpy.ndarray"):
+        nn.Linear(4, 2)([[1.0, 2.0, 3.0, 4.0]])
+
+
 def test_float64_modules():
     m = fn_cnn(dtype=np.float64)
     x, _ = batch("cnn")
