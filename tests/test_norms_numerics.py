@@ -303,6 +303,46 @@ def test_non_contiguous_input(backend, norm, layout):
                 np.testing.assert_array_equal(p_strided[k], p_contig[k], err_msg=k)
 
 
+@pytest.mark.parametrize("norm,layout", norm_layouts())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_only_inputs(backend, norm, layout):
+    """Read-only arrays (np.load(mmap_mode='r'), broadcast views...) are accepted wherever
+    nothing is written: x, dy, parameters, saved statistics."""
+    case = case_for(norm, backend, layout, rank=4, dtype=np.float32, affine="full")
+    spec = case.spec
+    x, p = case.inputs()
+    dy = case.rng("dy").standard_normal(x.shape).astype(np.float32)
+    with fn.use_backend(backend):
+        y, saved = spec.train(x, p, case)
+        g = spec.backward(dy, x, saved, p, case)
+
+    def ro(a):
+        if a is None:
+            return None
+        a = a.copy()
+        a.flags.writeable = False
+        return a
+    p_ro = {k: ro(v) for k, v in p.items()}
+    with fn.use_backend(backend):
+        y2, saved2 = spec.train(ro(x), p_ro, case)
+        g2 = spec.backward(ro(dy), ro(x), tuple(ro(s) for s in saved2), p_ro, case)
+    np.testing.assert_array_equal(y2, y)
+    for name in ("input", "weight", "bias"):
+        np.testing.assert_array_equal(g2[name], g[name], err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_flush_to_zero_after_use(backend):
+    """Using a backend does not switch the process to flush-to-zero (what a library built
+    with -ffast-math does at load): NumPy still produces subnormals."""
+    with fn.use_backend(backend):
+        F.batch_norm_train(np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32))
+    tiny64 = np.array([np.finfo(np.float64).tiny])
+    tiny32 = np.array([np.finfo(np.float32).tiny], np.float32)
+    assert (tiny64 / 4)[0] > 0
+    assert (tiny32 / np.float32(4))[0] > 0
+
+
 # -------------------------------------------------------------------------- out= ----
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
