@@ -41,7 +41,7 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def load(path):
+def load(path, stat="median"):
     with open(path) as f:
         data = json.load(f)
     rows = defaultdict(dict)   # (op, shape, layout, pass) -> impl -> median seconds
@@ -51,7 +51,7 @@ def load(path):
         if "op" not in info:
             continue
         key = (info["op"], tuple(info["shape"]), info["layout"], info["pass_"])
-        rows[key][info["impl"]] = b["stats"]["median"]
+        rows[key][info["impl"]] = b["stats"][stat]
         threads.add(info.get("threads"))
     return data, rows, threads
 
@@ -100,7 +100,7 @@ def table(rows):
     return lines
 
 
-def header(data, threads):
+def header(data, threads, stat="median"):
     m = data.get("machine_info", {})
     c = data.get("commit_info", {})
     cpu = m.get("cpu", {})
@@ -115,7 +115,7 @@ def header(data, threads):
         f"{m.get('python_version', '?')}, commit {commit}.",
         "",
         "How it was run: `python3 -m pytest benchmarks --benchmark-json=FILE` "
-        "(pytest-benchmark, median of the rounds, at most 0.5 s per implementation).  Each "
+        f"(pytest-benchmark, {stat} of the rounds, at most 0.5 s per implementation).  Each "
         "implementation is timed in its own block, one test per implementation, and the "
         "tests run implementation by implementation (all fastnorm backends, then numpy and "
         "copy, then all PyTorch), so fastnorm and PyTorch calls are never interleaved (two "
@@ -124,7 +124,7 @@ def header(data, threads):
         "channels-last view of the same bytes; PyTorch forward+backward is the forward with "
         "`requires_grad` then `.backward(dy)` (grads set to None between rounds).",
         "",
-        "Columns: median times; ×torch = torch time / fastnorm time (> 1: fastnorm faster); "
+        f"Columns: {stat} times; ×torch = torch time / fastnorm time (> 1: fastnorm faster); "
         "of bound = (copy time × copies of the pass) / time, with 1 copy for forward and "
         "eval and 2.5 copies for forward+backward.",
         "",
@@ -134,12 +134,15 @@ def header(data, threads):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", help="a file written by pytest --benchmark-json")
+    parser.add_argument("--stat", default="median", choices=["median", "min", "mean"],
+                        help="which statistic of the rounds (default: median; min is the "
+                             "most robust on a busy machine)")
     args = parser.parse_args(argv)
-    data, rows, threads = load(args.json)
+    data, rows, threads = load(args.json, args.stat)
     if not rows:
         print(f"{args.json}: no norm benchmarks found", file=sys.stderr)
         return 1
-    print("\n".join(header(data, threads) + table(rows)))
+    print("\n".join(header(data, threads, args.stat) + table(rows)))
     return 0
 
 

@@ -165,6 +165,10 @@ class NormSpec:
     def torch_forward(self, xt, pt, case, training=True, momentum=0.1):
         raise NotImplementedError
 
+    def stat_shape(self, x, case):
+        """Shape of each saved statistic of ``*_train`` (as documented)."""
+        return (x.shape[1] if case.layout == "NCHW" else x.shape[-1],)
+
     def torch_x(self, a, case):
         return to_torch_layout(a, case.layout)
 
@@ -203,6 +207,9 @@ class GroupNormSpec(NormSpec):
     def groups(self, case):
         return case.groups if case.groups is not None else self.GROUPS[case.rank]
 
+    def stat_shape(self, x, case):
+        return (x.shape[0], self.groups(case))
+
     def forward(self, x, p, case, training=True, momentum=0.1):
         return F.group_norm(x, self.groups(case), p["weight"], p["bias"], layout=case.layout)
 
@@ -225,6 +232,9 @@ class InstanceNormSpec(NormSpec):
     name = "instance_norm"
     ranks = (3, 4, 5)
     has_running = True
+
+    def stat_shape(self, x, case):
+        return (x.shape[0], x.shape[1] if case.layout == "NCHW" else x.shape[-1])
 
     def forward(self, x, p, case, training=True, momentum=0.1):
         return F.instance_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"],
@@ -260,6 +270,9 @@ class RowNormSpec(NormSpec):
 
     def param_shape(self, case, x):
         return self.normalized_shape(x, case)
+
+    def stat_shape(self, x, case):
+        return x.shape[:x.ndim - int(case.layout[-1])]
 
     def torch_x(self, a, case):
         return a
