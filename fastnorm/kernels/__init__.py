@@ -32,6 +32,14 @@ no mean is subtracted and ``var`` is the mean square)::
         dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy) over all but the
         channel, as float64 arrays of G*Kc values (None unless param_grads).
 
+and the steps that the fused passes combine (SyncBatchNorm needs them apart, to reduce
+the sums across processes in between)::
+
+    moments(x, dims, center) -> (mean, var)
+    grad_sums(dy, x, dims, mean) -> (sum dy, sum dy * (x - mean)) per (p, g, kc)
+    apply_backward(dy, x, dims, mean, invstd, weight, sum_g, sum_gxc, n, center, dx)
+        dx from given per-group sums of g and g * (x - mean) over n values.
+
 ``weight``/``bias`` are ``None`` or contiguous arrays of ``G*Kc`` values of x's dtype.
 ``numpy`` (reference.py) is the readable reference; ``numba`` and ``cython`` share the
 driver in compiled.py, which picks one of two kernel shapes for a view.

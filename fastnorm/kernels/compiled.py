@@ -65,37 +65,39 @@ class CompiledBackend:
 
     # -- the backend interface (see fastnorm.kernels) -------------------------------------
     def forward(self, x, dims, weight, bias, eps, center, y):
+        P, M, G, Kc, Ks = dims
+        if not self._is_columns(dims) and self._nparts(dims) == 1:
+            nt = self._threads()  # fused: each group summed and applied while in cache
+            mean = np.empty(P * G)
+            var = np.empty(P * G)
+            self.k.seg_forward(x.reshape(-1), P, M, G, Kc, Ks, self._flat_param(weight, x.dtype),
+                               self._flat_param(bias, x.dtype), float(eps), bool(center),
+                               y.reshape(-1), mean, var, nt)
+            return mean, var
+        mean, var = self.moments(x, dims, center)
+        self.apply(x, dims, mean, 1.0 / np.sqrt(var + eps), weight, bias, y)
+        return mean, var
+
+    def moments(self, x, dims, center):
+        """Mean and biased variance (mean square without ``center``) per group."""
         nt = self._threads()
         P, M, G, Kc, Ks = dims
-        xf, yf = x.reshape(-1), y.reshape(-1)
-        w = self._flat_param(weight, x.dtype)
-        b = self._flat_param(bias, x.dtype)
+        xf = x.reshape(-1)
         if self._is_columns(dims):
             W = G * Kc
             nch = self._row_blocks(P, M, W)
             if center:  # one value of each group (its first row) as the shift
-                shift = np.repeat(x.reshape(P, M, G, Kc)[:, 0, :, :1], Kc, axis=2)
-                shift = shift.astype(np.float64).reshape(-1)
+                gshift = x.reshape(P, M, G, Kc)[:, 0, :, 0].astype(np.float64)
             else:
-                shift = np.zeros(P * W)
+                gshift = np.zeros((P, G))
+            shift = np.repeat(gshift, Kc, axis=1).reshape(-1)
             s1 = np.empty(P * nch * W)
             s2 = np.empty(P * nch * W)
             self.k.col_sums(xf, P, M, W, nch, shift, s1, s2, nt)
             s1 = s1.reshape(P, nch, G, Kc).sum(axis=(1, 3)).reshape(-1)
             s2 = s2.reshape(P, nch, G, Kc).sum(axis=(1, 3)).reshape(-1)
-            mean, var = self._moments(s1, s2, shift.reshape(P, G, Kc)[:, :, 0].reshape(-1),
-                                      M * Kc, center)
-            alpha, beta = self._coefficients(mean, 1.0 / np.sqrt(var + eps), weight, bias,
-                                             P, G, Kc)
-            self.k.col_apply(xf, P, M, W, nch, alpha, beta, yf, nt)
-            return mean, var
+            return self._moments(s1, s2, gshift.reshape(-1), M * Kc, center)
         nparts = self._nparts(dims)
-        mean = np.empty(P * G)
-        var = np.empty(P * G)
-        if nparts == 1:
-            self.k.seg_forward(xf, P, M, G, Kc, Ks, w, b, float(eps), bool(center), yf,
-                               mean, var, nt)
-            return mean, var
         if center:
             shift = x.reshape(P, M, G, Kc * Ks)[:, 0, :, 0].astype(np.float64).reshape(-1)
         else:
@@ -103,11 +105,8 @@ class CompiledBackend:
         s1 = np.empty(P * G * nparts)
         s2 = np.empty(P * G * nparts)
         self.k.seg_sums(xf, P, M, G, Kc, Ks, nparts, shift, s1, s2, nt)
-        mean, var = self._moments(s1.reshape(-1, nparts).sum(1), s2.reshape(-1, nparts).sum(1),
-                                  shift, M * Kc * Ks, center)
-        self.k.seg_apply(xf, P, M, G, Kc, Ks, nparts, mean, 1.0 / np.sqrt(var + eps), w, b,
-                         yf, nt)
-        return mean, var
+        return self._moments(s1.reshape(-1, nparts).sum(1), s2.reshape(-1, nparts).sum(1),
+                             shift, M * Kc * Ks, center)
 
     @staticmethod
     def _moments(s1, s2, shift, n, center):
@@ -133,26 +132,54 @@ class CompiledBackend:
         nt = self._threads()
         P, M, G, Kc, Ks = dims
         xf, yf = x.reshape(-1), y.reshape(-1)
+        mean = np.ascontiguousarray(mean, np.float64)
+        invstd = np.ascontiguousarray(invstd, np.float64)
         if self._is_columns(dims):
             W = G * Kc
             alpha, beta = self._coefficients(mean, invstd, weight, bias, P, G, Kc)
             self.k.col_apply(xf, P, M, W, self._row_blocks(P, M, W), alpha, beta, yf, nt)
             return
-        self.k.seg_apply(xf, P, M, G, Kc, Ks, self._nparts(dims),
-                         np.ascontiguousarray(mean, np.float64),
-                         np.ascontiguousarray(invstd, np.float64),
+        self.k.seg_apply(xf, P, M, G, Kc, Ks, self._nparts(dims), mean, invstd,
                          self._flat_param(weight, x.dtype), self._flat_param(bias, x.dtype),
                          yf, nt)
 
     def backward(self, dy, x, dims, mean, invstd, weight, center, dx, param_grads):
-        nt = self._threads()
         P, M, G, Kc, Ks = dims
-        n = M * Kc * Ks
         mean = np.ascontiguousarray(mean, np.float64)
         invstd = np.ascontiguousarray(invstd, np.float64)
+        row_norm = self._is_row_norm(dims)  # one parameter per value of the row
+        want = param_grads and not row_norm
+        if not self._is_columns(dims) and self._nparts(dims) == 1:
+            nt = self._threads()  # fused: sums and dx of each group while it is in cache
+            sdy = np.empty(P * G * Kc if want else 0)
+            sdyxc = np.empty(P * G * Kc if want else 0)
+            self.k.seg_backward(dy.reshape(-1), x.reshape(-1), P, M, G, Kc, Ks, mean, invstd,
+                                self._flat_param(weight, x.dtype), bool(center),
+                                _EMPTY[x.dtype] if dx is None else dx.reshape(-1),
+                                sdy, sdyxc, want, nt)
+        else:
+            A, B, sdy, sdyxc = self._grad_sums(dy, x, dims, mean, weight, want)
+            if dx is not None:
+                self.apply_backward(dy, x, dims, mean, invstd, weight, A, B, M * Kc * Ks,
+                                    center, dx)
+        if not param_grads:
+            return None, None
+        if row_norm:
+            return self._row_param_grads(dy, x, dims, mean, invstd)
+        return self._param_grads(sdy, sdyxc, invstd, P, G, Kc)
+
+    def grad_sums(self, dy, x, dims, mean):
+        """Per-channel sums of dy and dy * (x - mean), shape (P * G * Kc,) each."""
+        return self._grad_sums(dy, x, dims, np.ascontiguousarray(mean, np.float64), None,
+                               True)[2:]
+
+    def _grad_sums(self, dy, x, dims, mean, weight, want):
+        """(A, B, sdy, sdyxc): per group A = sum(g), B = sum(g * (x - mean)), g = dy *
+        weight; with ``want`` the per-channel sums of dy and dy * (x - mean)."""
+        nt = self._threads()
+        P, M, G, Kc, Ks = dims
         dyf, xf = dy.reshape(-1), x.reshape(-1)
-        dxf = _EMPTY[x.dtype] if dx is None else dx.reshape(-1)
-        w = self._flat_param(weight, x.dtype)
+        wk = None if weight is None else weight.astype(np.float64).reshape(G, Kc)
         if self._is_columns(dims):
             W = G * Kc
             nch = self._row_blocks(P, M, W)
@@ -162,67 +189,65 @@ class CompiledBackend:
             self.k.col_grad_sums(dyf, xf, P, M, W, nch, mean_w, sdy, sdyxc, nt)
             sdy = sdy.reshape(P, nch, G, Kc).sum(axis=1)
             sdyxc = sdyxc.reshape(P, nch, G, Kc).sum(axis=1)
-            if dx is not None:
-                wk = np.ones((1, G, Kc)) if weight is None else weight.astype(np.float64).reshape(1, G, Kc)
-                A = (sdy * wk).sum(axis=2)
-                B = (sdyxc * wk).sum(axis=2)
-                k1, k2, k3 = self._backward_coefficients(mean.reshape(P, G), invstd.reshape(P, G),
-                                                         A, B, n, center)
-                k1 = (k1[:, :, None] * wk).reshape(-1)
-                k2 = np.repeat(k2, Kc, axis=1).reshape(-1)
-                k3 = np.repeat(k3, Kc, axis=1).reshape(-1)
-                self.k.col_apply_backward(dyf, xf, P, M, W, nch, k1, k2, k3, dxf, nt)
-            return self._param_grads(sdy, sdyxc, invstd, P, G, Kc, param_grads)
-        row_norm = Ks == 1 and M == 1 and G == 1  # one parameter per value of the row
-        want = param_grads and not row_norm
+            A = (sdy if wk is None else sdy * wk).sum(axis=2).reshape(-1)
+            B = (sdyxc if wk is None else sdyxc * wk).sum(axis=2).reshape(-1)
+            return A, B, sdy.reshape(-1), sdyxc.reshape(-1)
         nparts = self._nparts(dims)
-        if nparts == 1:
-            sdy = np.empty(P * G * Kc if want else 0)
-            sdyxc = np.empty(P * G * Kc if want else 0)
-            self.k.seg_backward(dyf, xf, P, M, G, Kc, Ks, mean, invstd, w, bool(center), dxf,
-                                sdy, sdyxc, want, nt)
-        else:
-            A = np.empty(P * G * nparts)
-            B = np.empty(P * G * nparts)
-            sdy = np.empty(P * G * nparts * Kc if want else 0)
-            sdyxc = np.empty(P * G * nparts * Kc if want else 0)
-            self.k.seg_grad_sums(dyf, xf, P, M, G, Kc, Ks, nparts, mean, w, A, B, sdy, sdyxc,
-                                 want, nt)
-            if want:
-                sdy = sdy.reshape(P * G, nparts, Kc).sum(axis=1).reshape(-1)
-                sdyxc = sdyxc.reshape(P * G, nparts, Kc).sum(axis=1).reshape(-1)
-            if dx is not None:
-                A = A.reshape(-1, nparts).sum(1)
-                B = B.reshape(-1, nparts).sum(1)
-                _, k2, k3 = self._backward_coefficients(mean, invstd, A, B, n, center)
-                self.k.seg_apply_backward(dyf, xf, P, M, G, Kc, Ks, nparts, invstd, k2, k3, w,
-                                          dxf, nt)
-        if not param_grads:
-            return None, None
-        if row_norm:
-            K = Kc
-            dweight = np.empty(K)
-            dbias = np.empty(K)
-            nblk = max(1, min(_cdiv(P * K, _config.MIN_CHUNK_ELEMENTS), _cdiv(K, 64),
-                              _config.MAX_CHUNKS))
-            self.k.row_param_grads(dyf, xf, P, K, nblk, mean, invstd, dweight, dbias, nt)
-            return dweight, dbias
-        return self._param_grads(sdy.reshape(P, G, Kc), sdyxc.reshape(P, G, Kc), invstd,
-                                 P, G, Kc, True)
+        A = np.empty(P * G * nparts)
+        B = np.empty(P * G * nparts)
+        sdy = np.empty(P * G * nparts * Kc if want else 0)
+        sdyxc = np.empty(P * G * nparts * Kc if want else 0)
+        self.k.seg_grad_sums(dyf, xf, P, M, G, Kc, Ks, nparts, mean,
+                             self._flat_param(weight, x.dtype), A, B, sdy, sdyxc, want, nt)
+        if want:
+            sdy = sdy.reshape(P * G, nparts, Kc).sum(axis=1).reshape(-1)
+            sdyxc = sdyxc.reshape(P * G, nparts, Kc).sum(axis=1).reshape(-1)
+        return A.reshape(-1, nparts).sum(1), B.reshape(-1, nparts).sum(1), sdy, sdyxc
 
-    @staticmethod
-    def _backward_coefficients(mean, invstd, A, B, n, center):
-        """dx = dy * weight * k1 + x * k2 + k3 per group (A = sum g, B = sum g (x - mean))."""
-        if not center:
-            A = np.zeros_like(A)
+    def apply_backward(self, dy, x, dims, mean, invstd, weight, sum_g, sum_gxc, n, center, dx):
+        """dx = invstd * (g - sum_g/n - (x - mean) * invstd^2 * sum_gxc/n), g = dy * weight,
+        with given per-group sums over n values (n may count values on other processes)."""
+        nt = self._threads()
+        P, M, G, Kc, Ks = dims
+        mean = np.ascontiguousarray(mean, np.float64)
+        invstd = np.ascontiguousarray(invstd, np.float64)
+        A = np.zeros(P * G) if not center else np.asarray(sum_g, np.float64)
+        B = np.asarray(sum_gxc, np.float64)
         k2 = -invstd ** 3 * B / n
         k3 = invstd * (mean * invstd * invstd * B / n - A / n)
-        return invstd, k2, k3
+        dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+        if self._is_columns(dims):
+            W = G * Kc
+            k1 = np.broadcast_to(invstd.reshape(P, G, 1), (P, G, Kc))
+            if weight is not None:
+                k1 = k1 * weight.astype(np.float64).reshape(1, G, Kc)
+            k1 = np.ascontiguousarray(k1, np.float64).reshape(-1)
+            self.k.col_apply_backward(dyf, xf, P, M, W, self._row_blocks(P, M, W), k1,
+                                      np.repeat(k2.reshape(P, G), Kc, axis=1).reshape(-1),
+                                      np.repeat(k3.reshape(P, G), Kc, axis=1).reshape(-1),
+                                      dxf, nt)
+            return
+        self.k.seg_apply_backward(dyf, xf, P, M, G, Kc, Ks, self._nparts(dims), invstd, k2, k3,
+                                  self._flat_param(weight, x.dtype), dxf, nt)
 
     @staticmethod
-    def _param_grads(sdy, sdyxc, invstd, P, G, Kc, param_grads):
-        if not param_grads:
-            return None, None
+    def _is_row_norm(dims):
+        P, M, G, Kc, Ks = dims
+        return Ks == 1 and M == 1 and G == 1
+
+    def _row_param_grads(self, dy, x, dims, mean, invstd):
+        nt = self._threads()
+        P, K = dims[0], dims[3]
+        dweight = np.empty(K)
+        dbias = np.empty(K)
+        nblk = max(1, min(_cdiv(P * K, _config.MIN_CHUNK_ELEMENTS), _cdiv(K, 64),
+                          _config.MAX_CHUNKS))
+        self.k.row_param_grads(dy.reshape(-1), x.reshape(-1), P, K, nblk, mean, invstd,
+                               dweight, dbias, nt)
+        return dweight, dbias
+
+    @staticmethod
+    def _param_grads(sdy, sdyxc, invstd, P, G, Kc):
         dweight = (sdyxc.reshape(P, G, Kc) * invstd.reshape(P, G, 1)).sum(axis=0).reshape(-1)
         dbias = sdy.reshape(P, G, Kc).sum(axis=0).reshape(-1)
         return dweight, dbias
