@@ -617,10 +617,23 @@ def erfc(x):
     return np.where(x < 0, 2.0 - e, e)
 
 
+_BLOCK = 65536  # elements per block: the ~60 array passes of a block stay in cache (2x)
+
+
 def normal_cdf(x):
     """Phi(x) = P(N(0, 1) <= x) = erfc(-x / sqrt 2) / 2, in float64; the lower tail keeps
     its relative accuracy."""
     x = np.asarray(x, np.float64)
+    if x.size <= _BLOCK:
+        return _normal_cdf(x)
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, _BLOCK):
+        out[start:start + _BLOCK] = _normal_cdf(flat[start:start + _BLOCK])
+    return out.reshape(x.shape)
+
+
+def _normal_cdf(x):
     half = 0.5 * _erfc_nonnegative(np.abs(x) * math.sqrt(0.5))
     return np.where(x < 0, half, 1.0 - half)
 
@@ -643,7 +656,7 @@ class GELU(Function):
             ctx.save_for_backward(x, cdf)
             out = x64 * cdf
         elif approximate == "tanh":
-            th = np.tanh(_SQRT_2_OVER_PI * (x64 + 0.044715 * x64 ** 3))
+            th = np.tanh(_SQRT_2_OVER_PI * (x64 + 0.044715 * (x64 * x64 * x64)))
             ctx.save_for_backward(x, th)
             out = 0.5 * x64 * (1.0 + th)
         else:
@@ -839,9 +852,14 @@ class Conv2d(Function):
     im2col: ``sliding_window_view`` of the padded input, one copy into a column matrix,
     one BLAS product.  NCHW: cols (N, C*kH*kW, Ho*Wo) and ``W2 @ cols`` batched over N
     gives (N, O, Ho*Wo), already NCHW; NHWC: cols (N*Ho*Wo, kH*kW*C) @ (kH*kW*C, O).
-    Measured faster than ``np.tensordot``/``einsum`` over the window view (1.3-2x) and
-    than gathering columns with kH*kW slice copies.  The columns are kept for the weight
-    gradient (kH*kW times the input's memory) instead of being rebuilt in backward.
+    Measured (float32, one BLAS thread, 6 shapes from (32,1,8,8) to (8,64,56,56)): 1.3-2x
+    faster than ``np.tensordot``/``einsum`` over the window view, and faster than filling
+    the columns with kH*kW slice copies or a single (O, K) @ (K, N*Ho*Wo) product plus a
+    transpose.  The columns are kept for the weight gradient (kH*kW times the input's
+    memory) rather than rebuilt in backward (10-20% of the backward).  Input gradient:
+    NCHW, the column gradient W2.T @ g scattered back by kH*kW strided adds; NHWC, one
+    product g @ W[:, :, i, j] per kernel offset added in place (no column gradient;
+    1.1-2.6x faster there).
     """
 
     @staticmethod

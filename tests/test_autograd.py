@@ -416,3 +416,7 @@ def test_erf_erfc_normal_cdf_match_math_to_float64_accuracy():
     ref_cdf = [0.5 * math.erfc(math.copysign(abs(v) * math.sqrt(0.5), -v)) for v in z]
     np.testing.assert_allclose(cdf, ref_cdf, rtol=4e-15, atol=1e-300)
     assert np.isnan(ops.erf(np.nan)) and ops.erfc(np.inf) == 0 and ops.erfc(-np.inf) == 2
+    big = np.random.default_rng(0).standard_normal((3, 70_000)) * 3  # blockwise path
+    flat = big.reshape(-1)
+    pieces = [ops.normal_cdf(flat[i:i + 1000]) for i in range(0, flat.size, 1000)]
+    np.testing.assert_array_equal(ops.normal_cdf(big), np.concatenate(pieces).reshape(3, -1))
