@@ -836,12 +836,10 @@ def _unpad(gxp, padding, layout):
     return np.ascontiguousarray(gxp[tuple(index)])
 
 
-def _check_4d(x, name, layout):
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"{name}: expected a 4-D input ({'N, C, H, W' if layout == 'NCHW' else 'N, H, W, C'}), "
-                         f"got shape {x.shape}")
-    return x
+def _require_4d(shape, name, layout):
+    if len(shape) != 4:
+        axes = "N, C, H, W" if layout == "NCHW" else "N, H, W, C"
+        raise ValueError(f"{name}: expected a 4-D input ({axes}), got shape {shape}")
 
 
 @register("conv2d")
@@ -949,9 +947,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
     (out_channels, in_channels, kH, kW) in both."""
     layout = _checks.layout(layout)
     xs, ws = _shape(_value(x)), _shape(_value(weight))
-    if len(xs) != 4:
-        raise ValueError(f"conv2d: expected a 4-D input "
-                         f"({'N, C, H, W' if layout == 'NCHW' else 'N, H, W, C'}), got shape {xs}")
+    _require_4d(xs, "conv2d", layout)
     if len(ws) != 4:
         raise ValueError(f"conv2d: expected a 4-D weight (out_channels, in_channels, kH, kW), "
                          f"got shape {ws}")
@@ -980,10 +976,7 @@ def _pool_args(x, kernel_size, stride, padding, layout, name):
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"{name}: padding {padding} should be at most half of the kernel "
                          f"size {kernel}")
-    xs = _shape(_value(x))
-    if len(xs) != 4:
-        raise ValueError(f"{name}: expected a 4-D input "
-                         f"({'N, C, H, W' if layout == 'NCHW' else 'N, H, W, C'}), got shape {xs}")
+    _require_4d(_shape(_value(x)), name, layout)
     return kernel, stride, padding, layout
 
 

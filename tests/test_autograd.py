@@ -346,8 +346,8 @@ def test_threads_train_independently():
 
 # --------------------------------------------------------------------- indexing ----
 @pytest.mark.parametrize("index", [
-    1, -1, slice(1, 3), (slice(None), 2), (Ellipsis, 1), (None, 0), (1, None, slice(None, None, -1)),
-    (slice(None), None, Ellipsis)])
+    1, -1, slice(1, 3), (slice(None), 2), (Ellipsis, 1), (None, 0),
+    (1, None, slice(None, None, -1)), (slice(None), None, Ellipsis)])
 def test_basic_indexing(index):
     x = leaf(3, 4)
     y = x[index]

@@ -238,7 +238,8 @@ def run_torch(f, arrays, g):
 
 def assert_close(ours, ref, tol=1e-4):
     ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype, (ours.shape, ref.shape, ours.dtype, ref.dtype)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, \
+        (ours.shape, ref.shape, ours.dtype, ref.dtype)
     scale = max(float(np.abs(ref).max()), 1e-30)
     np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol * scale)
 
