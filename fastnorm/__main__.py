@@ -301,9 +301,13 @@ def main(argv=None):
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"fastnorm {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fastnorm {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastnorm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

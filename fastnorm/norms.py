@@ -95,10 +95,25 @@ def _saved(a, name, n, dtype):
     return np.ascontiguousarray(a, np.float64).reshape(-1)
 
 
+def _check_running(running_mean, running_var, C, momentum):
+    """Validate optional running buffers (before anything is computed or written)."""
+    if running_mean is not None:
+        _checks.buffer(running_mean, "running_mean", (C,))
+    if running_var is not None:
+        _checks.buffer(running_var, "running_var", (C,))
+    if running_mean is not None or running_var is not None:
+        return _checks.momentum(momentum)
+    return momentum
+
+
 def _update_running(running_mean, running_var, mean, var, n, momentum):
-    """running = (1 - momentum) * running + momentum * batch, variance unbiased (n/(n-1))."""
+    """running = (1 - momentum) * running + momentum * batch, with the variance unbiased
+    by n/(n-1).  ``mean``/``var`` are float64, (C,) or (N, C): rows of per-sample statistics
+    (InstanceNorm) are averaged, as PyTorch does."""
     with np.errstate(divide="ignore", invalid="ignore"):
         unbiased = var * (n / (n - 1)) if n > 1 else np.full_like(var, np.nan)
+    if mean.ndim == 2:
+        mean, unbiased = mean.mean(axis=0), unbiased.mean(axis=0)
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
     if running_var is not None:
@@ -120,33 +135,41 @@ def _bn_prepare(x, weight, bias, layout, name="input"):
     return x, weight, bias, layout, C
 
 
-def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=None):
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=None, *,
+                     running_mean=None, running_var=None, momentum=0.1):
     """BatchNorm with batch statistics; returns ``(y, mean, invstd)``.
 
     mean = E[x], var = E[(x - mean)^2] (biased) per channel over N and the spatial axes,
-    invstd = 1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias.
+    invstd = 1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias.  Running
+    buffers, when given, are updated in place as in ``batch_norm``.
     """
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
+    momentum = _check_running(running_mean, running_var, C, momentum)
     C, dims = channel_view(x, layout)
-    if x.size // C == 1:
+    n = x.size // C
+    if n == 1:
         raise _one_value_error(x)
     y, mean, var = _forward(x, dims, weight, bias, eps, True, out)
+    _update_running(running_mean, running_var, mean, var, n, momentum)
     return y, mean.astype(x.dtype), _invstd(var, eps).astype(x.dtype)
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=None):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=None, *,
+                        param_grads=None):
     """Gradients of ``batch_norm_train``; returns ``(dx, dweight, dbias)``.
 
     With g = dy * weight and m values per channel:
     dx = invstd * (g - sum(g)/m - (x - mean) * invstd^2 * sum(g * (x - mean))/m),
-    dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy); both None without weight.
+    dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy); both None unless
+    ``param_grads`` (default: ``weight is not None``).
     """
     x, weight, _, layout, C = _bn_prepare(x, weight, None, layout)
     C, dims = channel_view(x, layout)
+    if param_grads is None:
+        param_grads = weight is not None
     return _backward(dy, x, dims, _saved(mean, "mean", C, x.dtype),
-                     _saved(invstd, "invstd", C, x.dtype), weight, True, out,
-                     weight is not None)
+                     _saved(invstd, "invstd", C, x.dtype), weight, True, out, param_grads)
 
 
 def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=None):
@@ -166,6 +189,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     buffers in place (``running = (1 - momentum) * running + momentum * batch``, variance
     unbiased by m/(m-1)); training=False uses the running buffers (both required).
     """
+    if training:
+        return batch_norm_train(x, weight, bias, eps, layout, out, running_mean=running_mean,
+                                running_var=running_var, momentum=momentum)[0]
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
     if running_mean is not None:
@@ -173,14 +199,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if running_var is not None:
         _checks.buffer(running_var, "running_var", (C,))
     C, dims = channel_view(x, layout)
-    if training:
-        momentum = _checks.momentum(momentum)
-        n = x.size // C
-        if n == 1:
-            raise _one_value_error(x)
-        y, mean, var = _forward(x, dims, weight, bias, eps, True, out)
-        _update_running(running_mean, running_var, mean, var, n, momentum)
-        return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected both running buffers when "
                          "training=False, got "
@@ -313,15 +331,20 @@ def _instance_prepare(x, weight, bias, layout):
     return x, layout, C, weight, bias
 
 
-def instance_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW"):
+def instance_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", *,
+                        running_mean=None, running_var=None, momentum=0.1):
     """InstanceNorm with the input's statistics (GroupNorm with one channel per group);
-    returns ``(y, mean, invstd)`` with statistics of shape (N, C)."""
+    returns ``(y, mean, invstd)`` with statistics of shape (N, C).  Running buffers, when
+    given, move towards the batch average of the per-sample statistics (as PyTorch)."""
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
+    momentum = _check_running(running_mean, running_var, C, momentum)
     _check_spatial(x, layout)
     y, mean, var = _forward(x, group_view(x, layout, C)[1], weight, bias, eps, True, None)
     N = x.shape[0]
-    return y, mean.astype(x.dtype).reshape(N, C), _invstd(var, eps).astype(x.dtype).reshape(N, C)
+    mean, var = mean.reshape(N, C), var.reshape(N, C)
+    _update_running(running_mean, running_var, mean, var, x.size // (N * C), momentum)
+    return y, mean.astype(x.dtype), _invstd(var, eps).astype(x.dtype)
 
 
 def _check_spatial(x, layout):
@@ -338,25 +361,15 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     and the running buffers, when given, move towards their average over the batch
     (variance unbiased); otherwise the running buffers are used (both required).
     """
+    if use_input_stats:
+        return instance_norm_train(x, weight, bias, eps, layout, running_mean=running_mean,
+                                   running_var=running_var, momentum=momentum)[0]
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
     if running_mean is not None:
         _checks.buffer(running_mean, "running_mean", (C,))
     if running_var is not None:
         _checks.buffer(running_var, "running_var", (C,))
-    if use_input_stats:
-        momentum = _checks.momentum(momentum)
-        _check_spatial(x, layout)
-        y, mean, var = _forward(x, group_view(x, layout, C)[1], weight, bias, eps, True, None)
-        n = x.size // (x.shape[0] * C)
-        N = x.shape[0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            unbiased = var * (n / (n - 1))
-        if running_mean is not None:
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean.reshape(N, C).mean(0)
-        if running_var is not None:
-            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased.reshape(N, C).mean(0)
-        return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected both running buffers when "
                          "use_input_stats=False, got "

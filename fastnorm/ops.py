@@ -1221,13 +1221,9 @@ class BatchNormTrain(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean=None, running_var=None, momentum=0.1,
                 eps=1e-5, layout="NCHW"):
-        y, mean, invstd = norms.batch_norm_train(x, weight, bias, eps, layout)
-        if running_mean is not None or running_var is not None:
-            C = mean.size
-            # batch_norm_train returns invstd, not var: var = invstd^-2 - eps (float64)
-            var = 1.0 / np.square(invstd.astype(np.float64)) - eps
-            norms._update_running(running_mean, running_var, mean.astype(np.float64), var,
-                                  x.size // C, momentum)
+        y, mean, invstd = norms.batch_norm_train(x, weight, bias, eps, layout,
+                                                 running_mean=running_mean,
+                                                 running_var=running_var, momentum=momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.layout = layout
         return y
@@ -1235,9 +1231,8 @@ class BatchNormTrain(Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, invstd = ctx.saved
-        dx, dw, db = norms.batch_norm_backward(grad, x, mean, invstd, weight, ctx.layout)
-        if ctx.needs_input_grad[2] and db is None:  # bias without weight
-            db = _channel_sum(grad, ctx.layout).astype(x.dtype)
+        dx, dw, db = norms.batch_norm_backward(grad, x, mean, invstd, weight, ctx.layout,
+                                               param_grads=_param_grads(ctx))
         return _grads_or_none(ctx, dx, dw, db)
 
 
@@ -1358,19 +1353,9 @@ class InstanceNormTrain(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean=None, running_var=None, momentum=0.1,
                 eps=1e-5, layout="NCHW"):
-        y, mean, invstd = norms.instance_norm_train(x, weight, bias, eps, layout)
-        if running_mean is not None or running_var is not None:
-            N, C = mean.shape
-            n = x.size // (N * C)
-            var = 1.0 / np.square(invstd.astype(np.float64)) - eps
-            with np.errstate(divide="ignore", invalid="ignore"):
-                unbiased = var * (n / (n - 1))
-            if running_mean is not None:
-                running_mean[...] = ((1.0 - momentum) * running_mean
-                                     + momentum * mean.astype(np.float64).mean(axis=0))
-            if running_var is not None:
-                running_var[...] = ((1.0 - momentum) * running_var
-                                    + momentum * unbiased.mean(axis=0))
+        y, mean, invstd = norms.instance_norm_train(x, weight, bias, eps, layout,
+                                                    running_mean=running_mean,
+                                                    running_var=running_var, momentum=momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.layout = layout
         return y

@@ -34,8 +34,10 @@ class CompiledBackend:
         self.k = kernels
 
     # -- helpers -------------------------------------------------------------------------
-    def _threads(self):
-        n = _config.get_num_threads()
+    def _threads(self, size):
+        """Threads for a pass over ``size`` values: one below PARALLEL_MIN_ELEMENTS, where
+        waking a thread team costs more than it saves (and far more on a busy machine)."""
+        n = 1 if size < _config.PARALLEL_MIN_ELEMENTS else _config.get_num_threads()
         self.k.prepare(n)
         return n
 
@@ -67,7 +69,7 @@ class CompiledBackend:
     def forward(self, x, dims, weight, bias, eps, center, y):
         P, M, G, Kc, Ks = dims
         if not self._is_columns(dims) and self._nparts(dims) == 1:
-            nt = self._threads()  # fused: each group summed and applied while in cache
+            nt = self._threads(x.size)  # fused: each group summed and applied while in cache
             mean = np.empty(P * G)
             var = np.empty(P * G)
             self.k.seg_forward(x.reshape(-1), P, M, G, Kc, Ks, self._flat_param(weight, x.dtype),
@@ -80,7 +82,7 @@ class CompiledBackend:
 
     def moments(self, x, dims, center):
         """Mean and biased variance (mean square without ``center``) per group."""
-        nt = self._threads()
+        nt = self._threads(x.size)
         P, M, G, Kc, Ks = dims
         xf = x.reshape(-1)
         if self._is_columns(dims):
@@ -129,7 +131,7 @@ class CompiledBackend:
         return np.ascontiguousarray(a, np.float64).reshape(-1), np.ascontiguousarray(b).reshape(-1)
 
     def apply(self, x, dims, mean, invstd, weight, bias, y):
-        nt = self._threads()
+        nt = self._threads(x.size)
         P, M, G, Kc, Ks = dims
         xf, yf = x.reshape(-1), y.reshape(-1)
         mean = np.ascontiguousarray(mean, np.float64)
@@ -150,7 +152,7 @@ class CompiledBackend:
         row_norm = self._is_row_norm(dims)  # one parameter per value of the row
         want = param_grads and not row_norm
         if not self._is_columns(dims) and self._nparts(dims) == 1:
-            nt = self._threads()  # fused: sums and dx of each group while it is in cache
+            nt = self._threads(x.size)  # fused: sums and dx of each group while it is in cache
             sdy = np.empty(P * G * Kc if want else 0)
             sdyxc = np.empty(P * G * Kc if want else 0)
             self.k.seg_backward(dy.reshape(-1), x.reshape(-1), P, M, G, Kc, Ks, mean, invstd,
@@ -176,7 +178,7 @@ class CompiledBackend:
     def _grad_sums(self, dy, x, dims, mean, weight, want):
         """(A, B, sdy, sdyxc): per group A = sum(g), B = sum(g * (x - mean)), g = dy *
         weight; with ``want`` the per-channel sums of dy and dy * (x - mean)."""
-        nt = self._threads()
+        nt = self._threads(x.size)
         P, M, G, Kc, Ks = dims
         dyf, xf = dy.reshape(-1), x.reshape(-1)
         wk = None if weight is None else weight.astype(np.float64).reshape(G, Kc)
@@ -207,7 +209,7 @@ class CompiledBackend:
     def apply_backward(self, dy, x, dims, mean, invstd, weight, sum_g, sum_gxc, n, center, dx):
         """dx = invstd * (g - sum_g/n - (x - mean) * invstd^2 * sum_gxc/n), g = dy * weight,
         with given per-group sums over n values (n may count values on other processes)."""
-        nt = self._threads()
+        nt = self._threads(x.size)
         P, M, G, Kc, Ks = dims
         mean = np.ascontiguousarray(mean, np.float64)
         invstd = np.ascontiguousarray(invstd, np.float64)
@@ -236,7 +238,7 @@ class CompiledBackend:
         return Ks == 1 and M == 1 and G == 1
 
     def _row_param_grads(self, dy, x, dims, mean, invstd):
-        nt = self._threads()
+        nt = self._threads(x.size)
         P, K = dims[0], dims[3]
         dweight = np.empty(K)
         dbias = np.empty(K)
