@@ -113,8 +113,9 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
                              Py_ssize_t f0, Py_ssize_t f1, double mean, double invstd,
                              const floating* weight, const floating* bias,
                              Py_ssize_t wofs) noexcept nogil:
-    """y = (x - mean) * invstd * weight[c] + bias[c] over the item, as x*a + b."""
-    cdef Py_ssize_t m, j, kc, ja, jb, off
+    """y = (x - mean) * invstd * weight[c] + bias[c] over the item: as x*a + b per
+    channel run (Ks > 1), as written per value (Ks == 1), like the Numba kernel."""
+    cdef Py_ssize_t m, kc, ja, jb, off
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef double a, b
     cdef const floating* w = weight + wofs if weight != NULL else NULL
@@ -146,33 +147,29 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
 cdef inline void _affine_b(const floating* x, floating* y, const floating* bias,
                            Py_ssize_t j0, Py_ssize_t j1, double mean,
                            double invstd) noexcept nogil:
-    """Per-value affine, bias only: y = x * invstd + (-mean * invstd + bias[j])."""
+    """Per-value affine, bias only: y = (x - mean) * invstd + bias[j]."""
     cdef Py_ssize_t j
-    cdef double b0 = -mean * invstd
     for j in range(j0, j1):
-        y[j] = <floating>(<double>x[j] * invstd + (b0 + <double>bias[j]))
+        y[j] = <floating>((<double>x[j] - mean) * invstd + <double>bias[j])
 
 
 cdef inline void _affine_w(const floating* x, floating* y, const floating* weight,
                            Py_ssize_t j0, Py_ssize_t j1, double mean,
                            double invstd) noexcept nogil:
-    """Per-value affine, weight only: a = invstd * weight[j], y = x * a - mean * a."""
+    """Per-value affine, weight only: y = (x - mean) * invstd * weight[j]."""
     cdef Py_ssize_t j
-    cdef double a
     for j in range(j0, j1):
-        a = invstd * <double>weight[j]
-        y[j] = <floating>(<double>x[j] * a + (-mean * a))
+        y[j] = <floating>((<double>x[j] - mean) * invstd * <double>weight[j])
 
 
 cdef inline void _affine_wb(const floating* x, floating* y, const floating* weight,
                             const floating* bias, Py_ssize_t j0, Py_ssize_t j1,
                             double mean, double invstd) noexcept nogil:
-    """Per-value affine: a = invstd * weight[j], y = x * a + (-mean * a + bias[j])."""
+    """Per-value affine: y = (x - mean) * invstd * weight[j] + bias[j]."""
     cdef Py_ssize_t j
-    cdef double a
     for j in range(j0, j1):
-        a = invstd * <double>weight[j]
-        y[j] = <floating>(<double>x[j] * a + (-mean * a + <double>bias[j]))
+        y[j] = <floating>((<double>x[j] - mean) * invstd * <double>weight[j]
+                          + <double>bias[j])
 
 
 cdef inline Sums _item_grad_sums(const floating* dy, const floating* x, Py_ssize_t base,
@@ -313,10 +310,10 @@ cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
 cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
                             const floating* weight, Py_ssize_t j0, Py_ssize_t j1,
                             double invstd, double k2, double k3) noexcept nogil:
-    """dx[j] = dy[j] * (invstd * weight[j]) + x[j] * k2 + k3 for j in [j0, j1)."""
+    """dx[j] = dy[j] * invstd * weight[j] + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
     for j in range(j0, j1):
-        dx[j] = <floating>(<double>dy[j] * (invstd * <double>weight[j])
+        dx[j] = <floating>(<double>dy[j] * invstd * <double>weight[j]
                            + <double>x[j] * k2 + k3)
 
 
