@@ -24,7 +24,7 @@ def _load(name):
         return reference
     from .kernels.compiled import CompiledBackend
     if name == "cython":
-        return CompiledBackend("cython", importlib.import_module("fastnorm._ext.kernels"))
+        return CompiledBackend("cython", _cython_kernels())
     return CompiledBackend("numba", importlib.import_module("fastnorm.kernels.numba_kernels"))
 
 
@@ -40,6 +40,20 @@ def _available(name):
         return True
     except ImportError:
         return False
+
+
+def _cython_kernels():
+    """The portable Cython module, or its AVX2+FMA twin when the CPU has both and the
+    twin was built (``FASTNORM_CYTHON_ISA=baseline`` keeps the portable one)."""
+    portable = importlib.import_module("fastnorm._ext.kernels")
+    if os.environ.get("FASTNORM_CYTHON_ISA", "").strip().lower() in ("baseline", "portable"):
+        return portable
+    if portable.cpu_has_avx2_fma():
+        try:
+            return importlib.import_module("fastnorm._ext.kernels_avx2")
+        except ImportError:
+            pass
+    return portable
 
 
 def get_kernels(name=None):

@@ -1,0 +1,779 @@
+# The body of the Cython kernels, included by kernels.pyx (portable build) and
+# kernels_avx2.pyx (built with -mavx2 -mfma); see kernels.pyx for the design notes.
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define FASTNORM_OPENMP 1
+    #else
+    #define FASTNORM_OPENMP 0
+    #endif
+    #if defined(__AVX2__)
+    #define FASTNORM_ISA "avx2"
+    #else
+    #define FASTNORM_ISA "baseline"
+    #endif
+    #if defined(__x86_64__) || defined(__i386__)
+    static int fastnorm_cpu_has_avx2_fma(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    #else
+    static int fastnorm_cpu_has_avx2_fma(void) { return 0; }
+    #endif
+    """
+    int FASTNORM_OPENMP
+    const char* FASTNORM_ISA
+    int fastnorm_cpu_has_avx2_fma()
+
+
+def isa():
+    """The instruction set this module was compiled for: 'baseline' or 'avx2'."""
+    return FASTNORM_ISA.decode()
+
+
+def cpu_has_avx2_fma():
+    """True when the running CPU can execute the 'avx2' build."""
+    return bool(fastnorm_cpu_has_avx2_fma())
+
+
+cdef struct Sums:
+    double a
+    double b
+
+
+def openmp_enabled():
+    """True when the module was compiled with OpenMP (prange runs in parallel)."""
+    return bool(FASTNORM_OPENMP)
+
+
+def prepare(nthreads):
+    """No-op: every prange takes the thread count as ``num_threads`` (kept for the
+    Numba module's interface, whose thread setting is per calling thread)."""
+    pass
+
+
+cdef inline void _need(Py_ssize_t size, Py_ssize_t needed, str name):
+    """Raise unless an array has at least ``needed`` values (boundscheck is off)."""
+    if size < needed:
+        raise ValueError(f"{name}: expected at least {needed} values, got {size}")
+
+
+cdef inline void _need_opt(Py_ssize_t size, Py_ssize_t needed, str name):
+    """Like _need for an optional array (size 0 = absent)."""
+    if size != 0 and size < needed:
+        raise ValueError(f"{name}: expected 0 or at least {needed} values, got {size}")
+
+
+# ----------------------------------------------------------------------------------------
+# Segment shape: group (p, g) is M segments of L = Kc*Ks contiguous values, segment m at
+# base + m*rowstride.  An *item* is a contiguous range [f0, f1) of the group's M*L values
+# (the whole group unless a few large groups are split into parts).  Helpers take
+# pointers; ``weight``/``bias``/``sdy``/``sdyxc`` are NULL when absent.
+# ----------------------------------------------------------------------------------------
+
+cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowstride,
+                            Py_ssize_t L, Py_ssize_t f0, Py_ssize_t f1,
+                            double shift) noexcept nogil:
+    """Sums of d and d*d, d = x - shift, over the item."""
+    cdef Sums s
+    cdef double s1 = 0.0, s2 = 0.0, d
+    cdef Py_ssize_t m, j, ja, jb
+    cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
+    cdef const floating* xr
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        xr = x + base + m * rowstride
+        for j in range(ja, jb):
+            d = <double>xr[j] - shift
+            s1 += d
+            s2 += d * d
+    s.a = s1
+    s.b = s2
+    return s
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t j0, Py_ssize_t j1,
+                         double a, double b) noexcept nogil:
+    """y[j] = x[j] * a + b for j in [j0, j1)."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        y[j] = <floating>(<double>x[j] * a + b)
+
+
+cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
+                             Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t Ks,
+                             Py_ssize_t f0, Py_ssize_t f1, double mean, double invstd,
+                             const floating* weight, const floating* bias,
+                             Py_ssize_t wofs) noexcept nogil:
+    """y = (x - mean) * invstd * weight[c] + bias[c] over the item: as x*a + b per
+    channel run (Ks > 1), as written per value (Ks == 1), like the Numba kernel."""
+    cdef Py_ssize_t m, kc, ja, jb, off
+    cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
+    cdef double a, b
+    cdef const floating* w = weight + wofs if weight != NULL else NULL
+    cdef const floating* bs = bias + wofs if bias != NULL else NULL
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:  # one parameter per value (LayerNorm-like): vectorize over kc
+            if w == NULL and bs == NULL:
+                _affine(x + off, y + off, ja, jb, invstd, -mean * invstd)
+            elif w == NULL:
+                _affine_b(x + off, y + off, bs, ja, jb, mean, invstd)
+            elif bs == NULL:
+                _affine_w(x + off, y + off, w, ja, jb, mean, invstd)
+            else:
+                _affine_wb(x + off, y + off, w, bs, ja, jb, mean, invstd)
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                a = invstd
+                if w != NULL:
+                    a = invstd * <double>w[kc]
+                b = -mean * a
+                if bs != NULL:
+                    b = b + <double>bs[kc]
+                _affine(x + off, y + off, max(ja, kc * Ks), min(jb, kc * Ks + Ks), a, b)
+
+
+cdef inline void _affine_b(const floating* x, floating* y, const floating* bias,
+                           Py_ssize_t j0, Py_ssize_t j1, double mean,
+                           double invstd) noexcept nogil:
+    """Per-value affine, bias only: y = (x - mean) * invstd + bias[j]."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        y[j] = <floating>((<double>x[j] - mean) * invstd + <double>bias[j])
+
+
+cdef inline void _affine_w(const floating* x, floating* y, const floating* weight,
+                           Py_ssize_t j0, Py_ssize_t j1, double mean,
+                           double invstd) noexcept nogil:
+    """Per-value affine, weight only: y = (x - mean) * invstd * weight[j]."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        y[j] = <floating>((<double>x[j] - mean) * invstd * <double>weight[j])
+
+
+cdef inline void _affine_wb(const floating* x, floating* y, const floating* weight,
+                            const floating* bias, Py_ssize_t j0, Py_ssize_t j1,
+                            double mean, double invstd) noexcept nogil:
+    """Per-value affine: y = (x - mean) * invstd * weight[j] + bias[j]."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        y[j] = <floating>((<double>x[j] - mean) * invstd * <double>weight[j]
+                          + <double>bias[j])
+
+
+cdef inline Sums _item_grad_sums(const floating* dy, const floating* x, Py_ssize_t base,
+                                 Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t Ks,
+                                 Py_ssize_t f0, Py_ssize_t f1, double mean,
+                                 const floating* weight, Py_ssize_t wofs, double* sdy,
+                                 double* sdyxc, Py_ssize_t sofs,
+                                 bint want) noexcept nogil:
+    """A = sum(g), B = sum(g*(x-mean)) with g = dy*weight[c]; with ``want``, per-channel
+    sums of dy and dy*(x-mean) are added into sdy/sdyxc at sofs + kc."""
+    cdef Sums s, t
+    cdef Py_ssize_t m, kc, ja, jb, off
+    cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
+    cdef double A = 0.0, B = 0.0, wk
+    cdef const floating* w = weight + wofs if weight != NULL else NULL
+    cdef double* sd = sdy + sofs if want else NULL
+    cdef double* sx = sdyxc + sofs if want else NULL
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:
+            s = _grad_sums_values(dy + off, x + off, ja, jb, mean, w, sd, sx)
+            A += s.a
+            B += s.b
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                t = _grad_sums_run(dy + off, x + off, max(ja, kc * Ks),
+                                   min(jb, kc * Ks + Ks), mean)
+                wk = 1.0
+                if w != NULL:
+                    wk = <double>w[kc]
+                A += wk * t.a
+                B += wk * t.b
+                if want:
+                    sd[kc] += t.a
+                    sx[kc] += t.b
+    s.a = A
+    s.b = B
+    return s
+
+
+cdef inline Sums _grad_sums_run(const floating* dy, const floating* x, Py_ssize_t j0,
+                                Py_ssize_t j1, double mean) noexcept nogil:
+    """Sums of dy and dy * (x - mean) over [j0, j1)."""
+    cdef Sums s
+    cdef Py_ssize_t j
+    cdef double t1 = 0.0, t2 = 0.0, d
+    for j in range(j0, j1):
+        d = <double>dy[j]
+        t1 += d
+        t2 += d * (<double>x[j] - mean)
+    s.a = t1
+    s.b = t2
+    return s
+
+
+cdef inline Sums _grad_sums_values(const floating* dy, const floating* x, Py_ssize_t j0,
+                                   Py_ssize_t j1, double mean, const floating* weight,
+                                   double* sdy, double* sdyxc) noexcept nogil:
+    """One parameter per value (Ks == 1): A = sum(w*dy), B = sum(w*dy*(x-mean)), and
+    sdy[j] += dy, sdyxc[j] += dy*(x-mean) when sdy is not NULL.  One loop per case so
+    that each is branch-free."""
+    cdef Sums s
+    cdef Py_ssize_t j
+    cdef double A = 0.0, B = 0.0, d, xc, w
+    if weight == NULL and sdy == NULL:
+        for j in range(j0, j1):
+            d = <double>dy[j]
+            A += d
+            B += d * (<double>x[j] - mean)
+    elif weight == NULL:
+        for j in range(j0, j1):
+            d = <double>dy[j]
+            xc = <double>x[j] - mean
+            A += d
+            B += d * xc
+            sdy[j] += d
+            sdyxc[j] += d * xc
+    elif sdy == NULL:
+        for j in range(j0, j1):
+            d = <double>dy[j]
+            w = <double>weight[j]
+            A += w * d
+            B += w * d * (<double>x[j] - mean)
+    else:
+        for j in range(j0, j1):
+            d = <double>dy[j]
+            xc = <double>x[j] - mean
+            w = <double>weight[j]
+            A += w * d
+            B += w * d * xc
+            sdy[j] += d
+            sdyxc[j] += d * xc
+    s.a = A
+    s.b = B
+    return s
+
+
+cdef inline void _item_apply_backward(const floating* dy, const floating* x, floating* dx,
+                                      Py_ssize_t base, Py_ssize_t rowstride, Py_ssize_t L,
+                                      Py_ssize_t Ks, Py_ssize_t f0, Py_ssize_t f1,
+                                      double invstd, double k2, double k3,
+                                      const floating* weight,
+                                      Py_ssize_t wofs) noexcept nogil:
+    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item."""
+    cdef Py_ssize_t m, kc, ja, jb, off
+    cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
+    cdef double k1
+    cdef const floating* w = weight + wofs if weight != NULL else NULL
+    for m in range(m0, m1 + 1):
+        ja = f0 - m * L if m == m0 else 0
+        jb = f1 - m * L if m == m1 else L
+        off = base + m * rowstride
+        if Ks == 1:
+            if w == NULL:
+                _dx_run(dy + off, x + off, dx + off, ja, jb, invstd, k2, k3)
+            else:
+                _dx_values(dy + off, x + off, dx + off, w, ja, jb, invstd, k2, k3)
+        else:
+            for kc in range(ja // Ks, (jb - 1) // Ks + 1):
+                k1 = invstd
+                if w != NULL:
+                    k1 = invstd * <double>w[kc]
+                _dx_run(dy + off, x + off, dx + off, max(ja, kc * Ks),
+                        min(jb, kc * Ks + Ks), k1, k2, k3)
+
+
+cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
+                         Py_ssize_t j0, Py_ssize_t j1, double k1, double k2,
+                         double k3) noexcept nogil:
+    """dx[j] = dy[j] * k1 + x[j] * k2 + k3 for j in [j0, j1)."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        dx[j] = <floating>(<double>dy[j] * k1 + <double>x[j] * k2 + k3)
+
+
+cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
+                            const floating* weight, Py_ssize_t j0, Py_ssize_t j1,
+                            double invstd, double k2, double k3) noexcept nogil:
+    """dx[j] = dy[j] * invstd * weight[j] + x[j] * k2 + k3 for j in [j0, j1)."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        dx[j] = <floating>(<double>dy[j] * invstd * <double>weight[j]
+                           + <double>x[j] * k2 + k3)
+
+
+cdef inline void _group_forward(const floating* x, Py_ssize_t u, Py_ssize_t M,
+                                Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                                const floating* weight, const floating* bias, double eps,
+                                bint center, floating* y, double* mean,
+                                double* var) noexcept nogil:
+    """seg_forward for group u: shifted sums, then the affine."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t p = u // G
+    cdef Py_ssize_t g = u - p * G
+    cdef Py_ssize_t base = p * M * rowstride + g * L
+    cdef double shift = <double>x[base] if center else 0.0
+    cdef Sums s = _item_sums(x, base, rowstride, L, 0, n, shift)
+    cdef double mu, v
+    if center:
+        mu = s.a / n
+        v = s.b / n - mu * mu
+        if v < 0.0:  # not max(): NaN must stay NaN
+            v = 0.0
+        mu = mu + shift
+    else:
+        mu = 0.0
+        v = s.b / n
+    mean[u] = mu
+    var[u] = v
+    _item_apply(x, y, base, rowstride, L, Ks, 0, n, mu, 1.0 / sqrt(v + eps),
+                weight, bias, g * Kc)
+
+
+cdef inline void _group_backward(const floating* dy, const floating* x, Py_ssize_t u,
+                                 Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                                 const double* mean, const double* invstd,
+                                 const floating* weight, bint center, floating* dx,
+                                 double* sdy, double* sdyxc, bint want) noexcept nogil:
+    """seg_backward for group u: gradient sums, then dx (when dx is not NULL)."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t p = u // G
+    cdef Py_ssize_t g = u - p * G
+    cdef Py_ssize_t base = p * M * rowstride + g * L
+    cdef Py_ssize_t kc
+    cdef double mu = mean[u]
+    cdef double r = invstd[u]
+    cdef double A, B, k2, k3
+    cdef Sums s
+    if want:
+        for kc in range(Kc):
+            sdy[u * Kc + kc] = 0.0
+            sdyxc[u * Kc + kc] = 0.0
+    s = _item_grad_sums(dy, x, base, rowstride, L, Ks, 0, n, mu, weight, g * Kc,
+                        sdy, sdyxc, u * Kc, want)
+    if dx != NULL:
+        A = s.a if center else 0.0
+        B = s.b
+        k2 = -r * r * r * B / n
+        k3 = r * (mu * r * r * B / n - A / n)
+        _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3,
+                             weight, g * Kc)
+
+
+def seg_forward(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
+                Py_ssize_t Kc, Py_ssize_t Ks, const floating[::1] weight,
+                const floating[::1] bias, double eps, bint center, floating[::1] y,
+                double[::1] mean, double[::1] var, Py_ssize_t nthreads):
+    """One group per task: shifted sums, then the affine while the group is in cache."""
+    cdef Py_ssize_t u, total = P * M * G * Kc * Ks
+    _need(x.shape[0], total, "x")
+    _need(y.shape[0], total, "y")
+    _need(mean.shape[0], P * G, "mean")
+    _need(var.shape[0], P * G, "var")
+    _need_opt(weight.shape[0], G * Kc, "weight")
+    _need_opt(bias.shape[0], G * Kc, "bias")
+    if total == 0:
+        return
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef const floating* bp = &bias[0] if bias.shape[0] > 0 else NULL
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &y[0]
+    cdef double* mp = &mean[0]
+    cdef double* vp = &var[0]
+    for u in prange(P * G, nogil=True, schedule='static', num_threads=nthreads):
+        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mp, vp)
+
+
+def seg_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
+             Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nparts, const double[::1] shift,
+             double[::1] s1, double[::1] s2, Py_ssize_t nthreads):
+    """Partial shifted sums of each group split into nparts contiguous parts."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t it, u, part, p, g, total = P * M * G * Kc * Ks
+    cdef Sums s
+    _need(x.shape[0], total, "x")
+    _need(shift.shape[0], P * G, "shift")
+    _need(s1.shape[0], P * G * nparts, "s1")
+    _need(s2.shape[0], P * G * nparts, "s2")
+    if total == 0:
+        return
+    cdef const floating* xp = &x[0]
+    for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        s = _item_sums(xp, p * M * rowstride + g * L, rowstride, L, n * part // nparts,
+                       n * (part + 1) // nparts, shift[u])
+        s1[it] = s.a
+        s2[it] = s.b
+
+
+def seg_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
+              Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nparts, const double[::1] mean,
+              const double[::1] invstd, const floating[::1] weight,
+              const floating[::1] bias, floating[::1] y, Py_ssize_t nthreads):
+    """y = (x - mean) * invstd * weight + bias, each group in nparts parts."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t it, u, part, p, g, total = P * M * G * Kc * Ks
+    _need(x.shape[0], total, "x")
+    _need(y.shape[0], total, "y")
+    _need(mean.shape[0], P * G, "mean")
+    _need(invstd.shape[0], P * G, "invstd")
+    _need_opt(weight.shape[0], G * Kc, "weight")
+    _need_opt(bias.shape[0], G * Kc, "bias")
+    if total == 0:
+        return
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef const floating* bp = &bias[0] if bias.shape[0] > 0 else NULL
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &y[0]
+    for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        _item_apply(xp, yp, p * M * rowstride + g * L, rowstride, L, Ks,
+                    n * part // nparts, n * (part + 1) // nparts, mean[u], invstd[u],
+                    wp, bp, g * Kc)
+
+
+def seg_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
+                 Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                 const double[::1] mean, const double[::1] invstd,
+                 const floating[::1] weight, bint center, floating[::1] dx,
+                 double[::1] sdy, double[::1] sdyxc, bint want, Py_ssize_t nthreads):
+    """One group per task: gradient sums, then dx while the group is in cache.
+    sdy/sdyxc (P*G*Kc) receive the per-channel sums when ``want``; dx of size 0 is
+    skipped."""
+    cdef Py_ssize_t u, total = P * M * G * Kc * Ks
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(mean.shape[0], P * G, "mean")
+    _need(invstd.shape[0], P * G, "invstd")
+    _need_opt(weight.shape[0], G * Kc, "weight")
+    _need_opt(dx.shape[0], total, "dx")
+    if want:
+        _need(sdy.shape[0], P * G * Kc, "sdy")
+        _need(sdyxc.shape[0], P * G * Kc, "sdyxc")
+    if total == 0:
+        return
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef floating* dxp = &dx[0] if dx.shape[0] > 0 else NULL
+    cdef double* sdp = &sdy[0] if want else NULL
+    cdef double* sxp = &sdyxc[0] if want else NULL
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef const double* mp = &mean[0]
+    cdef const double* rp = &invstd[0]
+    for u in prange(P * G, nogil=True, schedule='static', num_threads=nthreads):
+        _group_backward(dyp, xp, u, M, G, Kc, Ks, mp, rp, wp, center, dxp, sdp, sxp, want)
+
+
+def seg_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
+                  Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                  Py_ssize_t nparts, const double[::1] mean, const floating[::1] weight,
+                  double[::1] A, double[::1] B, double[::1] sdy, double[::1] sdyxc,
+                  bint want, Py_ssize_t nthreads):
+    """Partial gradient sums per (group, part); sdy/sdyxc are (P*G*nparts*Kc)."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t it, u, part, p, g, kc, total = P * M * G * Kc * Ks
+    cdef Sums s
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(mean.shape[0], P * G, "mean")
+    _need_opt(weight.shape[0], G * Kc, "weight")
+    _need(A.shape[0], P * G * nparts, "A")
+    _need(B.shape[0], P * G * nparts, "B")
+    if want:
+        _need(sdy.shape[0], P * G * nparts * Kc, "sdy")
+        _need(sdyxc.shape[0], P * G * nparts * Kc, "sdyxc")
+    if total == 0:
+        return
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef double* sdp = &sdy[0] if want else NULL
+    cdef double* sxp = &sdyxc[0] if want else NULL
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        if want:
+            for kc in range(Kc):
+                sdp[it * Kc + kc] = 0.0
+                sxp[it * Kc + kc] = 0.0
+        s = _item_grad_sums(dyp, xp, p * M * rowstride + g * L, rowstride, L, Ks,
+                            n * part // nparts, n * (part + 1) // nparts, mean[u], wp,
+                            g * Kc, sdp, sxp, it * Kc, want)
+        A[it] = s.a
+        B[it] = s.b
+
+
+def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
+                       Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                       Py_ssize_t nparts, const double[::1] invstd, const double[::1] k2,
+                       const double[::1] k3, const floating[::1] weight, floating[::1] dx,
+                       Py_ssize_t nthreads):
+    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts."""
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t rowstride = G * L
+    cdef Py_ssize_t n = M * L
+    cdef Py_ssize_t it, u, part, p, g, total = P * M * G * Kc * Ks
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(dx.shape[0], total, "dx")
+    _need(invstd.shape[0], P * G, "invstd")
+    _need(k2.shape[0], P * G, "k2")
+    _need(k3.shape[0], P * G, "k3")
+    _need_opt(weight.shape[0], G * Kc, "weight")
+    if total == 0:
+        return
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef floating* dxp = &dx[0]
+    for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
+        u = it // nparts
+        part = it - u * nparts
+        p = u // G
+        g = u - p * G
+        _item_apply_backward(dyp, xp, dxp, p * M * rowstride + g * L, rowstride, L, Ks,
+                             n * part // nparts, n * (part + 1) // nparts, invstd[u],
+                             k2[u], k3[u], wp, g * Kc)
+
+
+# ----------------------------------------------------------------------------------------
+# Column shape: x is (P, M, W) and each of the W columns is reduced over M rows (the
+# channels-last layouts).  An item is (p, a block of rows); it sums into its own row of
+# per-item accumulators, merged afterwards in a fixed order (by the driver).
+# ----------------------------------------------------------------------------------------
+
+cdef inline void _col_sums_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1,
+                                 Py_ssize_t W, const double* shift, double* s1,
+                                 double* s2) noexcept nogil:
+    """s1[w] = sum(x[m, w] - shift[w]), s2 likewise squared, over rows [m0, m1)."""
+    cdef Py_ssize_t m, w
+    cdef const floating* xr
+    cdef double d
+    for w in range(W):
+        s1[w] = 0.0
+        s2[w] = 0.0
+    for m in range(m0, m1):
+        xr = x + m * W
+        for w in range(W):
+            d = <double>xr[w] - shift[w]
+            s1[w] += d
+            s2[w] += d * d
+
+
+cdef inline void _col_apply_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1,
+                                  Py_ssize_t W, const double* alpha, const double* beta,
+                                  floating* y) noexcept nogil:
+    """y[m, w] = x[m, w] * alpha[w] + beta[w] over rows [m0, m1)."""
+    cdef Py_ssize_t m, w, off
+    for m in range(m0, m1):
+        off = m * W
+        for w in range(W):
+            y[off + w] = <floating>(<double>x[off + w] * alpha[w] + beta[w])
+
+
+cdef inline void _col_grad_sums_block(const floating* dy, const floating* x,
+                                      Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t W,
+                                      const double* mean, double* sdy,
+                                      double* sdyxc) noexcept nogil:
+    """sdy[w] = sum(dy), sdyxc[w] = sum(dy * (x - mean[w])) over rows [m0, m1)."""
+    cdef Py_ssize_t m, w, off
+    cdef double d
+    for w in range(W):
+        sdy[w] = 0.0
+        sdyxc[w] = 0.0
+    for m in range(m0, m1):
+        off = m * W
+        for w in range(W):
+            d = <double>dy[off + w]
+            sdy[w] += d
+            sdyxc[w] += d * (<double>x[off + w] - mean[w])
+
+
+cdef inline void _col_apply_backward_block(const floating* dy, const floating* x,
+                                           Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t W,
+                                           const double* k1, const double* k2,
+                                           const double* k3, floating* dx) noexcept nogil:
+    """dx[m, w] = dy * k1[w] + x * k2[w] + k3[w] over rows [m0, m1)."""
+    cdef Py_ssize_t m, w, off
+    for m in range(m0, m1):
+        off = m * W
+        for w in range(W):
+            dx[off + w] = <floating>(<double>dy[off + w] * k1[w]
+                                     + <double>x[off + w] * k2[w] + k3[w])
+
+
+def col_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
+             Py_ssize_t nch, const double[::1] shift, double[::1] s1, double[::1] s2,
+             Py_ssize_t nthreads):
+    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows."""
+    cdef Py_ssize_t it, p, c, total = P * M * W
+    _need(x.shape[0], total, "x")
+    _need(shift.shape[0], P * W, "shift")
+    _need(s1.shape[0], P * nch * W, "s1")
+    _need(s2.shape[0], P * nch * W, "s2")
+    if total == 0:
+        return
+    cdef const floating* xp = &x[0]
+    cdef const double* shp = &shift[0]
+    cdef double* s1p = &s1[0]
+    cdef double* s2p = &s2[0]
+    for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
+        p = it // nch
+        c = it - p * nch
+        _col_sums_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, shp + p * W,
+                        s1p + it * W, s2p + it * W)
+
+
+def col_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
+              Py_ssize_t nch, const double[::1] alpha, const double[::1] beta,
+              floating[::1] y, Py_ssize_t nthreads):
+    """y[p, m, w] = x * alpha[p, w] + beta[p, w]."""
+    cdef Py_ssize_t it, p, c, total = P * M * W
+    _need(x.shape[0], total, "x")
+    _need(y.shape[0], total, "y")
+    _need(alpha.shape[0], P * W, "alpha")
+    _need(beta.shape[0], P * W, "beta")
+    if total == 0:
+        return
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &y[0]
+    cdef const double* ap = &alpha[0]
+    cdef const double* bp = &beta[0]
+    for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
+        p = it // nch
+        c = it - p * nch
+        _col_apply_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, ap + p * W,
+                         bp + p * W, yp + p * M * W)
+
+
+def col_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
+                  Py_ssize_t M, Py_ssize_t W, Py_ssize_t nch, const double[::1] mean,
+                  double[::1] sdy, double[::1] sdyxc, Py_ssize_t nthreads):
+    """sdy[item, w] = sum(dy), sdyxc[item, w] = sum(dy * (x - mean[p, w]))."""
+    cdef Py_ssize_t it, p, c, total = P * M * W
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(mean.shape[0], P * W, "mean")
+    _need(sdy.shape[0], P * nch * W, "sdy")
+    _need(sdyxc.shape[0], P * nch * W, "sdyxc")
+    if total == 0:
+        return
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef const double* mp = &mean[0]
+    cdef double* sdp = &sdy[0]
+    cdef double* sxp = &sdyxc[0]
+    for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
+        p = it // nch
+        c = it - p * nch
+        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
+                             M * (c + 1) // nch, W, mp + p * W, sdp + it * W,
+                             sxp + it * W)
+
+
+def col_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
+                       Py_ssize_t M, Py_ssize_t W, Py_ssize_t nch, const double[::1] k1,
+                       const double[::1] k2, const double[::1] k3, floating[::1] dx,
+                       Py_ssize_t nthreads):
+    """dx[p, m, w] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
+    cdef Py_ssize_t it, p, c, total = P * M * W
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(dx.shape[0], total, "dx")
+    _need(k1.shape[0], P * W, "k1")
+    _need(k2.shape[0], P * W, "k2")
+    _need(k3.shape[0], P * W, "k3")
+    if total == 0:
+        return
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef floating* dxp = &dx[0]
+    cdef const double* k1p = &k1[0]
+    cdef const double* k2p = &k2[0]
+    cdef const double* k3p = &k3[0]
+    for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
+        p = it // nch
+        c = it - p * nch
+        _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
+                                  M * (c + 1) // nch, W, k1p + p * W, k2p + p * W,
+                                  k3p + p * W, dxp + p * M * W)
+
+
+cdef inline void _row_param_grads_block(const floating* dy, const floating* x,
+                                        Py_ssize_t R, Py_ssize_t K, Py_ssize_t k0,
+                                        Py_ssize_t k1, const double* mean,
+                                        const double* invstd, double* dweight,
+                                        double* dbias) noexcept nogil:
+    """dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy, for
+    columns [k0, k1)."""
+    cdef Py_ssize_t r, k, off
+    cdef double mu, s, d
+    for k in range(k0, k1):
+        dweight[k] = 0.0
+        dbias[k] = 0.0
+    for r in range(R):
+        off = r * K
+        mu = mean[r]
+        s = invstd[r]
+        for k in range(k0, k1):
+            d = <double>dy[off + k]
+            dweight[k] += d * (<double>x[off + k] - mu) * s
+            dbias[k] += d
+
+
+def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
+                    Py_ssize_t K, Py_ssize_t nblk, const double[::1] mean,
+                    const double[::1] invstd, double[::1] dweight, double[::1] dbias,
+                    Py_ssize_t nthreads):
+    """Per-value parameter gradients of row norms (LayerNorm/RMSNorm):
+    dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy.
+    Columns are split into nblk blocks; each block owns its outputs."""
+    cdef Py_ssize_t b, total = R * K
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(mean.shape[0], R, "mean")
+    _need(invstd.shape[0], R, "invstd")
+    _need(dweight.shape[0], K, "dweight")
+    _need(dbias.shape[0], K, "dbias")
+    if total == 0:
+        return
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef const double* mp = &mean[0]
+    cdef const double* rp = &invstd[0]
+    cdef double* dwp = &dweight[0]
+    cdef double* dbp = &dbias[0]
+    for b in prange(nblk, nogil=True, schedule='static', num_threads=nthreads):
+        _row_param_grads_block(dyp, xp, R, K, K * b // nblk, K * (b + 1) // nblk, mp, rp,
+                               dwp, dbp)
