@@ -14,7 +14,14 @@ _NAMES = ("cython", "numba", "numpy")
 _ALIASES = {"reference": "numpy"}
 _loaded = {}
 _errors = {}
-_local = threading.local()
+
+
+class _Local(threading.local):
+    backend = None  # this thread's use_backend override (a class default: a missing
+    # attribute of a threading.local costs an AttributeError on every get_backend call)
+
+
+_local = _Local()
 _lock = threading.Lock()
 
 
@@ -101,7 +108,7 @@ _current = None
 
 def get_backend():
     """Name of the backend in use in this thread."""
-    override = getattr(_local, "backend", None)
+    override = _local.backend
     if override is not None:
         return override
     global _current

@@ -21,9 +21,9 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
-from . import _checks, ops
+from . import _checks, norms, ops
 from ._random import generator
-from .autograd import Tensor
+from .autograd import Tensor, is_grad_enabled
 
 __all__ = [
     "Parameter", "Module", "Sequential", "Identity", "Linear", "Conv2d", "MaxPool2d",
@@ -60,6 +60,13 @@ IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_k
 
 
 # -------------------------------------------------------------------------- helpers ----
+def _records(x, w, b):
+    """Whether an op on the Tensor x and the parameters w, b (or None) would be recorded
+    for backward."""
+    return is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad)
+                                  or (b is not None and b.requires_grad))
+
+
 def _dtype(dtype):
     try:
         dt = np.dtype(dtype)
@@ -210,8 +217,10 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *args, **kwargs):
-        args = tuple(_as_tensor(a) for a in args)
-        out = self.forward(*args, **kwargs)
+        if len(args) == 1 and not kwargs:  # the common case, without the generator
+            out = self.forward(_as_tensor(args[0]))
+        else:
+            out = self.forward(*[_as_tensor(a) for a in args], **kwargs)
         return Tensor(out) if isinstance(out, np.ndarray) else out
 
     # -- mode ------------------------------------------------------------------------
@@ -718,7 +727,25 @@ class _BatchNorm(_NormBase):
         self._fold = None  # ((version, eps), mean float64, invstd float64)
 
     def _state_changed(self):
-        self.__dict__["_stats_version"] = self.__dict__.get("_stats_version", 0) + 1
+        d = self.__dict__
+        d["_stats_version"] = d.get("_stats_version", 0) + 1
+        if not d.get("training", True) and "_fold" in d:
+            self._prefold()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode:
+            self._prefold()
+        return self
+
+    def _prefold(self):
+        """Fold the running statistics now (eval mode), so that eval forwards only read
+        the cache: a model shared by threads is not written by its predictions."""
+        if self._buffers.get("running_mean") is not None:
+            try:
+                self._folded()
+            except (ValueError, TypeError, AttributeError):
+                pass  # a bad eps or buffer: the forward reports it
 
     def _folded(self):
         key = (self._stats_version, self.eps)
@@ -732,7 +759,7 @@ class _BatchNorm(_NormBase):
 
     def forward(self, x):
         self._check_input(x)
-        w, b = self.weight, self.bias
+        w, b = self._parameters["weight"], self._parameters["bias"]
         if self.training and self.track_running_stats:
             nbt = self.num_batches_tracked
             factor = 1.0 / float(nbt + 1) if self.momentum is None else self.momentum
@@ -742,10 +769,15 @@ class _BatchNorm(_NormBase):
             nbt[...] = nbt + 1
             self._state_changed()
             return y
-        if self.training or self.running_mean is None:
+        if self.training or self._buffers["running_mean"] is None:
             # No running statistics (track_running_stats=False): batch statistics, as torch.
             return ops.batch_norm(x, None, None, w, b, True, 0.0, self.eps, self.layout)
         mean, invstd = self._folded()
+        if not _records(x, w, b):  # nothing to record: the kernel directly, no op machinery
+            y = norms.batch_norm_eval_fast(x.data, mean, invstd, None if w is None else w.data,
+                                           None if b is None else b.data, self.layout)
+            if y is not None:
+                return Tensor(y)
         return ops.BatchNormEval.apply(x, w, b, mean=mean, invstd=invstd, layout=self.layout)
 
 
@@ -935,8 +967,14 @@ class ChannelAffine(Module):
             raise ValueError(f"ChannelAffine: input: expected at least 2 dimensions with "
                              f"{self.num_features} channels (layout {self.layout}), got "
                              f"shape {x.shape}")
-        return ops.BatchNormEval.apply(x, self.scale, self.shift, mean=self._zeros,
-                                       invstd=self._ones, layout=self.layout)
+        buffers = self._buffers
+        if not _records(x, None, None):  # nothing to record: the kernel directly
+            y = norms.batch_norm_eval_fast(x.data, self._zeros, self._ones, buffers["scale"],
+                                           buffers["shift"], self.layout)
+            if y is not None:
+                return Tensor(y)
+        return ops.BatchNormEval.apply(x, buffers["scale"], buffers["shift"],
+                                       mean=self._zeros, invstd=self._ones, layout=self.layout)
 
     def extra_repr(self):
         s = f"{self.num_features}"

@@ -181,6 +181,41 @@ def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=
                   weight, bias, out)
 
 
+def batch_norm_eval_fast(x, mean, invstd, weight, bias, layout):
+    """``batch_norm_eval`` for a caller that has validated its arguments (the modules'
+    eval path under ``no_grad``/``inference_mode``): ``x`` a float ndarray with ``C``
+    channels on the axis that ``layout`` (already 'NCHW' or 'NHWC') names, ``mean`` and
+    ``invstd`` float64 ``(C,)``, ``weight``/``bias`` None or ``(C,)`` arrays.  Only the
+    cheap checks the kernels rely on are repeated; it returns None when one fails (an
+    empty batch, a parameter of another dtype or not contiguous), for the caller to take
+    the validated path and its error messages.  Small inputs take the backend's
+    ``apply_small`` (the calling thread, no memoryview arguments) when it has one."""
+    dt = x.dtype
+    size = x.size
+    if size == 0:
+        return None
+    # parameters the kernels do not take as is: another dtype, or not contiguous
+    if weight is not None and ((weight.dtype is not dt and weight.dtype != dt)
+                               or not weight.flags.c_contiguous):
+        return None
+    if bias is not None and ((bias.dtype is not dt and bias.dtype != dt)
+                             or not bias.flags.c_contiguous):
+        return None
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    shape = x.shape
+    if layout == "NCHW":  # channel_view, inlined
+        N, C = shape[0], shape[1]
+        dims = (1, N, C, 1, size // (N * C))
+    else:
+        C = shape[-1]
+        dims = (1, size // C, C, 1, 1)
+    y = np.empty(shape, dt)
+    k = get_kernels()
+    getattr(k, "apply_small", k.apply)(x, dims, mean, invstd, weight, bias, y)
+    return y
+
+
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
     """``torch.nn.functional.batch_norm`` on NumPy arrays.

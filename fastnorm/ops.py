@@ -32,7 +32,7 @@ import math
 import numbers
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from . import _checks, norms
 from ._random import generator
@@ -788,13 +788,22 @@ def _spatial_axes(layout):
 
 
 def _pad(x, padding, layout, value=0.0):
+    """x with ``padding`` values of ``value`` around the spatial axes (C-contiguous).
+    A filled array and one slice assignment: np.pad costs ~20 us of Python per call,
+    most of a batch-1 convolution."""
     ph, pw = padding
     if ph == 0 and pw == 0:
         return x
-    widths = [(0, 0)] * 4
     ah, aw = _spatial_axes(layout)
-    widths[ah], widths[aw] = (ph, ph), (pw, pw)
-    return np.pad(x, widths, constant_values=value)
+    shape = list(x.shape)
+    shape[ah] += 2 * ph
+    shape[aw] += 2 * pw
+    xp = np.zeros(shape, x.dtype) if value == 0 else np.full(shape, value, x.dtype)
+    index = [slice(None)] * 4
+    index[ah] = slice(ph, ph + x.shape[ah])
+    index[aw] = slice(pw, pw + x.shape[aw])
+    xp[tuple(index)] = x
+    return xp
 
 
 def _out_size(size, k, s, p, what, name):
@@ -806,14 +815,24 @@ def _out_size(size, k, s, p, what, name):
 
 
 def _windows(xp, kernel, stride, layout):
-    """A strided view of xp with every (kH, kW) window: the layout's axes with the
-    spatial ones reduced to (Ho, Wo), then (kH, kW)."""
-    axes = _spatial_axes(layout)
-    win = sliding_window_view(xp, kernel, axis=axes)
-    index = [slice(None)] * 4
-    index[axes[0]] = slice(None, None, stride[0])
-    index[axes[1]] = slice(None, None, stride[1])
-    return win[tuple(index)]
+    """A read-only strided view of xp with every (kH, kW) window: the layout's axes with
+    the spatial ones reduced to (Ho, Wo), then (kH, kW) (``sliding_window_view`` with a
+    stride, built directly: 0.7 us instead of ~10 us for a small input)."""
+    ah, aw = _spatial_axes(layout)
+    (kH, kW), (sh, sw) = kernel, stride
+    shape = list(xp.shape)
+    shape[ah] = (xp.shape[ah] - kH) // sh + 1
+    shape[aw] = (xp.shape[aw] - kW) // sw + 1
+    strides = list(xp.strides)
+    strides[ah] *= sh
+    strides[aw] *= sw
+    shape += [kH, kW]
+    strides += [xp.strides[ah], xp.strides[aw]]
+    if xp.flags.c_contiguous:
+        win = np.ndarray(shape, xp.dtype, xp, 0, strides)
+        win.flags.writeable = False
+        return win
+    return as_strided(xp, shape, strides, writeable=False)
 
 
 def _window_slice(i, j, stride, out_hw, layout):
@@ -980,6 +999,19 @@ def _pool_args(x, kernel_size, stride, padding, layout, name):
     return kernel, stride, padding, layout
 
 
+def _max_of_offsets(xp, kernel, stride, out_hw, layout):
+    """Max pooling without the argmax: the elementwise maximum of the kH*kW strided slices
+    (offset (i, j) of every window), in window order, so ties keep the first value and a
+    NaN anywhere in a window gives NaN, as the argmax path does.  For inference: 5 us
+    instead of ~40 us on a (1, 32, 8, 8) input."""
+    out = None
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            v = xp[_window_slice(i, j, stride, out_hw, layout)]
+            out = np.array(v, order="C") if out is None else np.maximum(out, v, out=out)
+    return out
+
+
 @register("max_pool2d")
 class MaxPool2d(Function):
     @staticmethod
@@ -989,12 +1021,15 @@ class MaxPool2d(Function):
                             "max_pool2d"),
                   _out_size(x.shape[aw], kernel[1], stride[1], padding[1], "kernel width",
                             "max_pool2d"))
+        ctx.geometry = x.shape, kernel, stride, padding, layout, out_hw
+        if not ctx.needs_input_grad[0]:  # no argmax to keep: a running maximum, k*k slices
+            return _max_of_offsets(_pad(x, padding, layout, -np.inf), kernel, stride,
+                                   out_hw, layout)
         win = _windows(_pad(x, padding, layout, -np.inf), kernel, stride, layout)
         flat = win.reshape(*win.shape[:4], kernel[0] * kernel[1])
         index = flat.argmax(axis=-1)  # first maximum (or first NaN), like PyTorch
         out = np.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
         ctx.save_for_backward(index.astype(np.int32))
-        ctx.geometry = x.shape, kernel, stride, padding, layout, out_hw
         return out
 
     @staticmethod

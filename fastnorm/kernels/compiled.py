@@ -32,6 +32,8 @@ class CompiledBackend:
     def __init__(self, name, kernels):
         self.name = name
         self.k = kernels
+        # ndarray-argument twin of seg_apply in the Cython modules (see apply_small)
+        self._seg_apply_small = getattr(kernels, "seg_apply_small", None)
 
     # -- helpers -------------------------------------------------------------------------
     def _threads(self, size):
@@ -129,6 +131,18 @@ class CompiledBackend:
         if bias is not None:
             b = b + bias.astype(np.float64).reshape(1, G, Kc)
         return np.ascontiguousarray(a, np.float64).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+
+    def apply_small(self, x, dims, mean, invstd, weight, bias, y):
+        """``apply`` for the eval path of one request: a small segment-shaped input runs
+        on the calling thread through ``seg_apply_small`` (same arithmetic, ndarray
+        arguments: 0.4 us instead of 2.5 us for a (1, 16, 8, 8) BatchNorm); anything else,
+        or a kernel module without it, through ``apply``.  ``mean``/``invstd`` float64
+        and C-contiguous, as ``apply`` gets them."""
+        small = self._seg_apply_small
+        P, M, G, Kc, Ks = dims
+        if small is None or (Ks == 1 and M > 1) or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+            return self.apply(x, dims, mean, invstd, weight, bias, y)
+        small(x, P, M, G, Kc, Ks, mean, invstd, weight, bias, y)
 
     def apply(self, x, dims, mean, invstd, weight, bias, y):
         nt = self._threads(x.size)

@@ -1,0 +1,326 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
+"""Small helpers for the inference plans of fused models (``fastnorm/fuse.py``).
+
+A batch-1 request of a small CNN is a handful of tiny arrays, where each NumPy call
+(~0.5-1 us) and each typed-memoryview argument of a Cython ``def`` (~0.15 us, plus the
+fused-type dispatch) costs more than the arithmetic.  So these functions take plain
+ndarrays, check dtype, rank, contiguity and sizes themselves, and run single-threaded
+loops with the GIL released (requests are parallel across Python threads; the matrix
+products in between are NumPy's BLAS):
+
+- ``im2col(x, cols, kernel, stride, padding, nhwc)``: the column matrix of a 2-D
+  convolution, zeros for the padding, from an input of any strides (a view of the
+  previous layer's output is read in place): NCHW ``(N, C*kH*kW, Ho*Wo)``, NHWC
+  ``(N*Ho*Wo, kH*kW*C)``, the layouts of ``ops.conv2d``'s im2col.
+- ``bias_relu(y, bias, inner, relu)``: ``y += bias`` per channel and optionally ReLU, in
+  place, for a C-contiguous ``y`` read as ``(outer, C, inner)``.
+- ``max_pool(x, out, kernel, stride, padding, nhwc)``: max pooling with the semantics of
+  ``ops.max_pool2d`` (padding never wins, a NaN in a window gives NaN).
+
+No arithmetic beyond one add per value and comparisons, so results are exactly those of
+the NumPy code they replace whatever the compiler flags.
+"""
+cimport numpy as cnp
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+
+cnp.import_array()
+
+
+cdef inline int _kind(cnp.ndarray a) except -1:
+    """0 for float32, 1 for float64; TypeError otherwise."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return 0
+    if t == cnp.NPY_FLOAT64:
+        return 1
+    raise TypeError(f"expected a float32 or float64 array, got dtype {a.dtype}")
+
+
+cdef inline Py_ssize_t _stride(cnp.ndarray a, int axis) except -1:
+    """Stride of ``axis`` in elements (ndarrays of floats always have whole ones)."""
+    cdef Py_ssize_t s = cnp.PyArray_STRIDE(a, axis)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    if s % item:
+        raise ValueError("expected strides that are multiples of the item size")
+    return s // item
+
+
+cdef inline void _check_out(cnp.ndarray out, cnp.ndarray x, Py_ssize_t size, str name) except *:
+    if cnp.PyArray_TYPE(out) != cnp.PyArray_TYPE(x):
+        raise TypeError(f"{name}: expected dtype {x.dtype}, got {out.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(out) or not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError(f"{name}: expected a writable C-contiguous array")
+    if cnp.PyArray_SIZE(out) != size:
+        raise ValueError(f"{name}: expected {size} values, got {cnp.PyArray_SIZE(out)}")
+
+
+ctypedef fused real:
+    float
+    double
+
+
+# ---------------------------------------------------------------------------- im2col ----
+cdef void _im2col_nchw(const real* x, real* cols, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s0, Py_ssize_t s1,
+                       Py_ssize_t s2, Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                       Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
+    """Each (n, c) plane is first copied into ``plane`` with its zero padding (Hp x Wp),
+    so the rows of the column matrix are gathered without bounds checks."""
+    cdef Py_ssize_t n, c, i, j, oh, ow, h, w
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    cdef const real* src
+    cdef const real* row
+    cdef real* dst = cols
+    for h in range(Hp * Wp):
+        plane[h] = 0
+    for n in range(N):
+        for c in range(C):
+            src = x + n * s0 + c * s1
+            for h in range(H):
+                if s3 == 1:
+                    for w in range(W):
+                        plane[(h + ph) * Wp + pw + w] = src[h * s2 + w]
+                else:
+                    for w in range(W):
+                        plane[(h + ph) * Wp + pw + w] = src[h * s2 + w * s3]
+            for i in range(kH):
+                for j in range(kW):
+                    for oh in range(Ho):
+                        row = plane + (oh * sh + i) * Wp + j
+                        if sw == 1:
+                            for ow in range(Wo):
+                                dst[ow] = row[ow]
+                        else:
+                            for ow in range(Wo):
+                                dst[ow] = row[ow * sw]
+                        dst += Wo
+
+
+cdef void _im2col_nhwc(const real* x, real* cols, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s0, Py_ssize_t s1,
+                       Py_ssize_t s2, Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                       Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
+    cdef Py_ssize_t n, c, i, j, oh, ow, ih, iw
+    cdef const real* src
+    cdef real* dst = cols
+    for n in range(N):
+        for oh in range(Ho):
+            for ow in range(Wo):
+                for i in range(kH):
+                    ih = oh * sh - ph + i
+                    for j in range(kW):
+                        iw = ow * sw - pw + j
+                        if ih < 0 or ih >= H or iw < 0 or iw >= W:
+                            for c in range(C):
+                                dst[c] = 0
+                        else:
+                            src = x + n * s0 + ih * s1 + iw * s2
+                            if s3 == 1:
+                                for c in range(C):
+                                    dst[c] = src[c]
+                            else:
+                                for c in range(C):
+                                    dst[c] = src[c * s3]
+                        dst += C
+
+
+def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc):
+    """Write the column matrix of a convolution of ``x`` (4-D, NCHW or NHWC, any
+    strides) into ``cols`` (C-contiguous, ``N*C*kH*kW*Ho*Wo`` values of x's dtype)."""
+    cdef int kind = _kind(x)
+    if cnp.PyArray_NDIM(x) != 4:
+        raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
+    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError("expected kernel >= 1, stride >= 1, padding >= 0")
+    cdef Py_ssize_t N = x.shape[0], C, H, W, s0, s1, s2, s3
+    if nhwc:
+        H, W, C = x.shape[1], x.shape[2], x.shape[3]
+        s0, s1, s2, s3 = _stride(x, 0), _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    else:
+        C, H, W = x.shape[1], x.shape[2], x.shape[3]
+        s0, s1, s2, s3 = _stride(x, 0), _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
+                         f"of shape {(<object>x).shape}")
+    _check_out(cols, x, N * C * kH * kW * Ho * Wo, "cols")
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* cp = cnp.PyArray_DATA(cols)
+    cdef void* plane = NULL
+    if not nhwc:
+        plane = PyMem_RawMalloc((H + 2 * ph) * (W + 2 * pw) * cnp.PyArray_ITEMSIZE(x))
+        if plane == NULL:
+            raise MemoryError()
+    with nogil:
+        if kind == 0 and nhwc:
+            _im2col_nhwc(<const float*>xp, <float*>cp, N, C, H, W, s0, s1, s2, s3,
+                         kH, kW, sh, sw, ph, pw, Ho, Wo)
+        elif kind == 0:
+            _im2col_nchw(<const float*>xp, <float*>cp, N, C, H, W, s0, s1, s2, s3,
+                         kH, kW, sh, sw, ph, pw, Ho, Wo, <float*>plane)
+        elif nhwc:
+            _im2col_nhwc(<const double*>xp, <double*>cp, N, C, H, W, s0, s1, s2, s3,
+                         kH, kW, sh, sw, ph, pw, Ho, Wo)
+        else:
+            _im2col_nchw(<const double*>xp, <double*>cp, N, C, H, W, s0, s1, s2, s3,
+                         kH, kW, sh, sw, ph, pw, Ho, Wo, <double*>plane)
+        PyMem_RawFree(plane)
+
+
+# ------------------------------------------------------------------------- bias_relu ----
+cdef void _bias_relu(real* y, const real* bias, Py_ssize_t outer, Py_ssize_t C,
+                     Py_ssize_t inner, bint relu) noexcept nogil:
+    cdef Py_ssize_t o, c, k
+    cdef real b, v
+    if inner == 1 and bias != NULL:  # channels last: the bias vector along each row
+        for o in range(outer):
+            if relu:
+                for c in range(C):
+                    v = y[c] + bias[c]
+                    y[c] = 0 if v < 0 else v  # NaN stays NaN, as np.maximum(v, 0)
+            else:
+                for c in range(C):
+                    y[c] = y[c] + bias[c]
+            y += C
+        return
+    for o in range(outer):
+        for c in range(C):
+            b = bias[c] if bias != NULL else 0
+            if relu:
+                for k in range(inner):
+                    v = y[k] + b
+                    y[k] = 0 if v < 0 else v
+            elif bias != NULL:
+                for k in range(inner):
+                    y[k] = y[k] + b
+            y += inner
+
+
+def bias_relu(cnp.ndarray y, cnp.ndarray bias, Py_ssize_t inner, bint relu):
+    """In place: ``y += bias[c]`` (``bias`` None: nothing added), then ReLU if ``relu``,
+    for a writable C-contiguous ``y`` read as ``(outer, C, inner)`` with ``C`` the size
+    of ``bias`` (or 1)."""
+    cdef int kind = _kind(y)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(y) or not cnp.PyArray_ISWRITEABLE(y):
+        raise ValueError("y: expected a writable C-contiguous array")
+    cdef Py_ssize_t C = 1
+    cdef void* bp = NULL
+    if bias is not None:
+        if cnp.PyArray_TYPE(bias) != cnp.PyArray_TYPE(y) or not cnp.PyArray_IS_C_CONTIGUOUS(bias):
+            raise TypeError(f"bias: expected a C-contiguous array of dtype {y.dtype}")
+        C = cnp.PyArray_SIZE(bias)
+        bp = cnp.PyArray_DATA(bias)
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(y)
+    if inner < 1 or C < 1 or size % (C * inner):
+        raise ValueError(f"y: {size} values do not split into (outer, {C}, {inner})")
+    cdef Py_ssize_t outer = size // (C * inner)
+    cdef void* yp = cnp.PyArray_DATA(y)
+    with nogil:
+        if kind == 0:
+            _bias_relu(<float*>yp, <const float*>bp, outer, C, inner, relu)
+        else:
+            _bias_relu(<double*>yp, <const double*>bp, outer, C, inner, relu)
+
+
+# -------------------------------------------------------------------------- max_pool ----
+cdef inline real _window_max(const real* x, Py_ssize_t sa, Py_ssize_t sb, Py_ssize_t a0,
+                             Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    """Max over rows [a0, a1) and columns [b0, b1) (strides sa, sb); NaN if any is."""
+    cdef Py_ssize_t a, b
+    cdef real m = x[a0 * sa + b0 * sb]
+    cdef real v
+    for a in range(a0, a1):
+        for b in range(b0, b1):
+            v = x[a * sa + b * sb]
+            if v > m or v != v:
+                m = v
+                if v != v:
+                    return m
+    return m
+
+
+cdef void _max_pool(const real* x, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
+                    Py_ssize_t W, Py_ssize_t sn, Py_ssize_t sc, Py_ssize_t shh,
+                    Py_ssize_t sww, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sh,
+                    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t Ho,
+                    Py_ssize_t Wo, bint nhwc) noexcept nogil:
+    cdef Py_ssize_t n, c, oh, ow, a0, a1, b0, b1, a, b
+    cdef real* o
+    cdef const real* xr
+    cdef real m, v
+    if ph == 0 and pw == 0 and not nhwc:
+        # every window inside: rows of outputs updated one window offset at a time,
+        # a branch-free select (a NaN, once in, stays: v > NaN and v != v are false)
+        o = out
+        for n in range(N):
+            for c in range(C):
+                for oh in range(Ho):
+                    xr = x + n * sn + c * sc + oh * sh * shh
+                    for ow in range(Wo):
+                        o[ow] = xr[ow * sw * sww]
+                    for a in range(kH):
+                        for b in range(kW):
+                            for ow in range(Wo):
+                                v = xr[a * shh + (ow * sw + b) * sww]
+                                m = o[ow]
+                                o[ow] = v if (v > m or v != v) else m
+                    o += Wo
+        return
+    for n in range(N):
+        for c in range(C):
+            for oh in range(Ho):
+                a0 = oh * sh - ph
+                a1 = a0 + kH
+                a0 = 0 if a0 < 0 else a0
+                a1 = H if a1 > H else a1
+                for ow in range(Wo):
+                    b0 = ow * sw - pw
+                    b1 = b0 + kW
+                    b0 = 0 if b0 < 0 else b0
+                    b1 = W if b1 > W else b1
+                    if nhwc:
+                        o = out + ((n * Ho + oh) * Wo + ow) * C + c
+                    else:
+                        o = out + ((n * C + c) * Ho + oh) * Wo + ow
+                    o[0] = _window_max(x + n * sn + c * sc, shh, sww, a0, a1, b0, b1)
+
+
+def max_pool(cnp.ndarray x, cnp.ndarray out, kernel, stride, padding, bint nhwc):
+    """Max pooling of ``x`` (4-D, any strides) into ``out`` (C-contiguous, the output
+    shape in the same layout).  Padding is at most half the kernel, as the modules
+    require, so every window holds at least one input value."""
+    cdef int kind = _kind(x)
+    if cnp.PyArray_NDIM(x) != 4:
+        raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
+    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0 \
+            or 2 * ph > kH or 2 * pw > kW:
+        raise ValueError("expected kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2")
+    cdef Py_ssize_t N = x.shape[0], C, H, W, sn, sc, shh, sww
+    sn = _stride(x, 0)
+    if nhwc:
+        H, W, C = x.shape[1], x.shape[2], x.shape[3]
+        shh, sww, sc = _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    else:
+        C, H, W = x.shape[1], x.shape[2], x.shape[3]
+        sc, shh, sww = _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
+                         f"of shape {(<object>x).shape}")
+    _check_out(out, x, N * C * Ho * Wo, "out")
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* op = cnp.PyArray_DATA(out)
+    with nogil:
+        if kind == 0:
+            _max_pool(<const float*>xp, <float*>op, N, C, H, W, sn, sc, shh, sww,
+                      kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+        else:
+            _max_pool(<const double*>xp, <double*>op, N, C, H, W, sn, sc, shh, sww,
+                      kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
