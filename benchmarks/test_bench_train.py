@@ -1,0 +1,92 @@
+"""One training epoch on the digits, fastnorm vs PyTorch: same model, batch size,
+optimizer (Adam, lr 1e-3), data order and thread count.
+
+Groups ``train epoch {mlp,cnn} {NCHW,NHWC}``; each implementation runs in its own block
+(fastnorm first, then PyTorch) after one warm-up epoch.
+
+    python3 -m pytest benchmarks/test_bench_train.py --benchmark-json=/tmp/train.json -q
+"""
+import numpy as np
+import pytest
+
+import fastnorm as fn
+from fastnorm import data, train
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+BATCH = 32
+CASES = [("mlp", "NCHW"), ("cnn", "NCHW"), ("cnn", "NHWC")]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (xtr, ytr), _ = data.load_digits()
+    order = np.random.default_rng(0).permutation(len(xtr))
+    return xtr[order], ytr[order]
+
+
+def _fastnorm_epoch(model_name, layout, x, y):
+    from fastnorm.ops import cross_entropy
+
+    fn.manual_seed(0)
+    model = train.build_model(model_name, "batch", layout)
+    opt = fn.optim.Adam(model.parameters(), lr=1e-3)
+    x = train.to_layout(x, layout)
+
+    def epoch():
+        for i in range(0, len(x) - 1, BATCH):
+            loss = cross_entropy(model(x[i:i + BATCH]), y[i:i + BATCH])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return epoch
+
+
+def torch_model(model_name, layout):
+    nn = torch.nn
+    if model_name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(),
+                             nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                             nn.Linear(64, 10))
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
+    return m.to(memory_format=torch.channels_last) if layout == "NHWC" else m
+
+
+def _torch_epoch(model_name, layout, x, y):
+    torch.manual_seed(0)
+    model = torch_model(model_name, layout)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt = torch.from_numpy(x)
+    if layout == "NHWC":
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    yt = torch.from_numpy(y)
+
+    def epoch():
+        for i in range(0, len(xt) - 1, BATCH):
+            loss = torch.nn.functional.cross_entropy(model(xt[i:i + BATCH]), yt[i:i + BATCH])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return epoch
+
+
+@pytest.mark.parametrize("impl", ["fastnorm", "torch"])
+@pytest.mark.parametrize("model_name, layout", CASES)
+def test_train_epoch(benchmark, threads, digits, impl, model_name, layout):
+    benchmark.group = f"train epoch {model_name} {layout}"
+    benchmark.extra_info.update(impl=impl, model=model_name, layout=layout, threads=threads,
+                                backend=fn.get_backend() if impl == "fastnorm" else "torch")
+    x, y = digits
+    if impl == "torch":
+        if torch is None:
+            pytest.skip("torch not installed")
+        epoch = _torch_epoch(model_name, layout, x, y)
+    else:
+        epoch = _fastnorm_epoch(model_name, layout, x, y)
+    epoch()  # warm-up: first-call costs (allocation, any JIT) are not timed
+    benchmark.pedantic(epoch, rounds=5, iterations=1)
