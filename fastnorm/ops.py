@@ -38,6 +38,12 @@ from . import _checks, norms
 from ._random import generator
 from .autograd import Context, Tensor, is_grad_enabled, record, unbroadcast
 
+try:  # single-pass im2col and max pooling (Cython); the NumPy code below without them
+    from ._ext import infer as _infer
+except ImportError:
+    _infer = None
+_HELPER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 REGISTRY = {}
 
 
@@ -861,13 +867,27 @@ def _require_4d(shape, name, layout):
         raise ValueError(f"{name}: expected a 4-D input ({axes}), got shape {shape}")
 
 
+def _im2col(x, kernel, stride, padding, layout, shape):
+    """The column matrix of a convolution: NCHW (N, C*kH*kW, Ho*Wo), NHWC
+    (N*Ho*Wo, kH*kW*C).  The Cython helper (fastnorm/_ext/infer.pyx) writes the same
+    values in one pass from the unpadded input, 1.1-3.5x faster than padding and copying
+    the window view (measured (1,16,8,8) to (8,64,56,56)); NumPy when it is not built."""
+    if _infer is not None and x.dtype in _HELPER_DTYPES:
+        cols = np.empty(shape, x.dtype)
+        _infer.im2col(x, cols, kernel, stride, padding, layout == "NHWC")
+        return cols
+    win = _windows(_pad(x, padding, layout), kernel, stride, layout)
+    axes = (0, 1, 4, 5, 2, 3) if layout == "NCHW" else (0, 1, 2, 4, 5, 3)
+    return win.transpose(axes).reshape(shape)
+
+
 @register("conv2d")
 class Conv2d(Function):
     """2-D cross-correlation (``torch.nn.functional.conv2d``), weight (out, in, kH, kW) in
     both layouts.
 
-    im2col: ``sliding_window_view`` of the padded input, one copy into a column matrix,
-    one BLAS product.  NCHW: cols (N, C*kH*kW, Ho*Wo) and ``W2 @ cols`` batched over N
+    im2col: the column matrix (``_im2col``: one pass of the Cython helper, or a copy of
+    the window view of the padded input), one BLAS product.  NCHW: cols (N, C*kH*kW, Ho*Wo) and ``W2 @ cols`` batched over N
     gives (N, O, Ho*Wo), already NCHW; NHWC: cols (N*Ho*Wo, kH*kW*C) @ (kH*kW*C, O).
     Measured (float32, one BLAS thread, 6 shapes from (32,1,8,8) to (8,64,56,56)): 1.3-2x
     faster than ``np.tensordot``/``einsum`` over the window view, and faster than filling
@@ -892,8 +912,7 @@ class Conv2d(Function):
             if pointwise:
                 cols = x.reshape(N, C, H * W)
             else:
-                win = _windows(_pad(x, padding, layout), (kH, kW), stride, layout)
-                cols = win.transpose(0, 1, 4, 5, 2, 3).reshape(N, C * kH * kW, Ho * Wo)
+                cols = _im2col(x, (kH, kW), stride, padding, layout, (N, C * kH * kW, Ho * Wo))
             out = np.matmul(weight.reshape(O, C * kH * kW), cols).reshape(N, O, Ho, Wo)
             if bias is not None:
                 out += bias.reshape(O, 1, 1)
@@ -901,8 +920,7 @@ class Conv2d(Function):
             if pointwise:
                 cols = x.reshape(N * H * W, C)
             else:
-                win = _windows(_pad(x, padding, layout), (kH, kW), stride, layout)
-                cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kH * kW * C)
+                cols = _im2col(x, (kH, kW), stride, padding, layout, (N * Ho * Wo, kH * kW * C))
             w2 = weight.transpose(2, 3, 1, 0).reshape(kH * kW * C, O)
             out = (cols @ w2).reshape(N, Ho, Wo, O)
             if bias is not None:
@@ -1022,7 +1040,13 @@ class MaxPool2d(Function):
                   _out_size(x.shape[aw], kernel[1], stride[1], padding[1], "kernel width",
                             "max_pool2d"))
         ctx.geometry = x.shape, kernel, stride, padding, layout, out_hw
-        if not ctx.needs_input_grad[0]:  # no argmax to keep: a running maximum, k*k slices
+        if not ctx.needs_input_grad[0]:  # no argmax to keep: a running maximum
+            if _infer is not None and x.dtype in _HELPER_DTYPES:
+                shape = list(x.shape)
+                shape[ah], shape[aw] = out_hw
+                out = np.empty(shape, x.dtype)
+                _infer.max_pool(x, out, kernel, stride, padding, layout == "NHWC")
+                return out
             return _max_of_offsets(_pad(x, padding, layout, -np.inf), kernel, stride,
                                    out_hw, layout)
         win = _windows(_pad(x, padding, layout, -np.inf), kernel, stride, layout)

@@ -274,8 +274,10 @@ def test_fused_plan_geometries_and_numpy_fallback(layout, monkeypatch):
         assert_close(fused(x).data, ref, 1e-5)
         assert_close(fused(x[:1]).data, ref[:1], 1e-5)
     monkeypatch.setattr(sys.modules["fastnorm.fuse"], "_infer", None)
+    monkeypatch.setattr(sys.modules["fastnorm.ops"], "_infer", None)
     with fn.inference_mode():
         assert_close(fused(x).data, ref, 1e-5)
+    assert_close(model(x).data, ref, 1e-6)  # ops' NumPy im2col and max pooling
 
 
 def test_infer_helpers_match_numpy():
