@@ -199,15 +199,23 @@ def _summary(request):
     yield
     if not _medians:
         return
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = tr.write_line if tr is not None else print
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            _print_summary()
+    else:
+        _print_summary()
+
+
+def _print_summary():
+    write = print
     write("")
     write("inference summary (median per call; ratio = PyTorch time / fastnorm time):")
     for group, med in _medians.items():
-        torch_t = med.get("torch-eval") or min((v for k, v in med.items()
-                                                 if k.startswith("torch")), default=None)
         for impl, t in med.items():
             extra = ""
+            twin = impl.replace("fastnorm-", "torch-")  # module vs module, F vs F
+            torch_t = med.get(twin) or med.get("torch-eval")
             if torch_t and impl.startswith("fastnorm"):
                 extra = f"  ({torch_t / t:.2f}x PyTorch)"
             if group.startswith("threads"):

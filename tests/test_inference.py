@@ -287,7 +287,9 @@ def test_infer_helpers_match_numpy():
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):
         for layout in ("NCHW", "NHWC"):
-            for k, s, p in [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 1)), ((1, 1), (1, 1), (0, 0))]:
+            for k, s, p in [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 1)),
+                            ((1, 1), (1, 1), (0, 0)), ((2, 2), (2, 2), (0, 0)),
+                            ((3, 2), (1, 2), (0, 0))]:
                 x = rng.standard_normal((2, 5, 7, 4)).astype(dt)[:, ::1, 1:, :]  # a view
                 if layout == "NCHW":
                     x = x.transpose(0, 3, 1, 2)

@@ -271,6 +271,23 @@ cdef void _max_pool(const real* x, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssi
                                 o[ow] = v if (v > m or v != v) else m
                     o += Wo
         return
+    if ph == 0 and pw == 0 and sc == 1:
+        # channels last, contiguous channels: the same select, vectorized over c
+        o = out
+        for n in range(N):
+            for oh in range(Ho):
+                for ow in range(Wo):
+                    xr = x + n * sn + oh * sh * shh + ow * sw * sww
+                    for c in range(C):
+                        o[c] = xr[c]
+                    for a in range(kH):
+                        for b in range(kW):
+                            for c in range(C):
+                                v = xr[a * shh + b * sww + c]
+                                m = o[c]
+                                o[c] = v if (v > m or v != v) else m
+                    o += C
+        return
     for n in range(N):
         for c in range(C):
             for oh in range(Ho):
