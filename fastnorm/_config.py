@@ -14,7 +14,7 @@ import os
 # number of threads.
 MAX_CHUNKS = 64          # chunks of one parallel loop (>= threads we expect, for balance)
 MIN_CHUNK_ELEMENTS = 16384  # below this a chunk is not worth a task of its own
-PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller passes run on the calling thread alone
+PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller passes run on the calling thread alone
 SPLIT_UNITS_BELOW = 8    # a reduction with fewer independent groups than this ...
 SPLIT_MIN_ELEMENTS = 1 << 16  # ... and at least this many elements per group is split
 
