@@ -264,6 +264,39 @@ def _median(fn, reps):
     return float(np.median(times))
 
 
+# ------------------------------------------------------------- experiments ----
+def cmd_experiments(args):
+    """Test the reference notes' BatchNorm claims on digits (fastnorm/experiments.py)."""
+    import os
+
+    from fastnorm import experiments
+
+    seeds = experiments.parse_list(args.seeds, "--seeds")
+    only = experiments.parse_list(args.only, "--only")
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        raise ValueError(f"--jobs: expected a positive integer, got {jobs}")
+    print(f"fastnorm experiments: claims {','.join(map(str, only))}, seeds "
+          f"{','.join(map(str, seeds[:1] if args.quick else seeds))}"
+          f"{' (quick)' if args.quick else ''}, {jobs} worker process(es); writing to "
+          f"{args.out}", flush=True)
+    experiments.run_all(out_dir=args.out, seeds=seeds, quick=args.quick, only=only,
+                        jobs=jobs, log=lambda *a: print(*a, flush=True))
+    return 0
+
+
+def _add_experiments_parser(sub):
+    s = sub.add_parser("experiments", help="test the reference notes' BatchNorm claims on "
+                                           "digits; writes OUT/experiments.md and plots")
+    s.add_argument("--quick", action="store_true", help="one seed, few epochs (under a minute)")
+    s.add_argument("--out", default="docs", help="output directory (default: docs)")
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    s.add_argument("--only", default="1,2,3,4", help="claims to test, e.g. 3,4")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: min(2, CPUs)); results do not depend on it")
+    s.set_defaults(func=cmd_experiments)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastnorm", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -307,6 +340,7 @@ def build_parser():
     s.add_argument("--model", required=True, help="a checkpoint saved by 'fastnorm train --save'")
     s.add_argument("file", help=".npy array of images (N, C, H, W), (N, H, W) or one image")
     s.set_defaults(func=cmd_predict)
+    _add_experiments_parser(sub)
     return p
 
 
