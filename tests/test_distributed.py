@@ -7,6 +7,7 @@ milliseconds; and real MPI runs (``mpiexec -n 2``, ``-n 3 --oversubscribe`` with
 shards) of the scripts in ``tests/mpi_scripts``, skipped only when mpi4py or mpiexec are
 not installed (the ``test`` extra installs both).
 """
+import functools
 import importlib.util
 import os
 import shutil
@@ -625,6 +626,7 @@ needs_mpi = pytest.mark.skipif(
            f"(the test extra installs both)")
 
 
+@functools.lru_cache(maxsize=None)
 def _is_open_mpi():
     try:
         out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True,
