@@ -1049,6 +1049,15 @@ class MaxPool2d(Function):
                 return out
             return _max_of_offsets(_pad(x, padding, layout, -np.inf), kernel, stride,
                                    out_hw, layout)
+        if _infer is not None and x.dtype in _HELPER_DTYPES:  # C loops: ~10x faster
+            shape = list(x.shape)
+            shape[ah], shape[aw] = out_hw
+            out = np.empty(shape, x.dtype)
+            index = np.empty(shape, np.int32)
+            _infer.max_pool_argmax(x, out, index, kernel, stride, padding, layout == "NHWC")
+            ctx.save_for_backward(index)
+            ctx.dtype = x.dtype
+            return out
         win = _windows(_pad(x, padding, layout, -np.inf), kernel, stride, layout)
         flat = win.reshape(*win.shape[:4], kernel[0] * kernel[1])
         index = flat.argmax(axis=-1)  # first maximum (or first NaN), like PyTorch
@@ -1060,6 +1069,11 @@ class MaxPool2d(Function):
     def backward(ctx, grad):
         index, = ctx.saved
         xshape, (kH, kW), stride, padding, layout, out_hw = ctx.geometry
+        if index.flags.c_contiguous and getattr(ctx, "dtype", None) is not None:
+            gx = np.zeros(xshape, ctx.dtype)  # index from max_pool_argmax
+            _infer.max_pool_backward(np.ascontiguousarray(grad, ctx.dtype), index, gx,
+                                     (kH, kW), stride, padding, layout == "NHWC")
+            return gx,
         gxp = np.zeros(_padded(xshape, padding, layout), grad.dtype)
         for i in range(kH):
             for j in range(kW):

@@ -22,6 +22,7 @@ No arithmetic beyond one add per value and comparisons, so results are exactly t
 the NumPy code they replace whatever the compiler flags.
 """
 cimport numpy as cnp
+import numpy as np
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 
 cnp.import_array()
@@ -341,3 +342,135 @@ def max_pool(cnp.ndarray x, cnp.ndarray out, kernel, stride, padding, bint nhwc)
         else:
             _max_pool(<const double*>xp, <double*>op, N, C, H, W, sn, sc, shh, sww,
                       kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+
+
+# ------------------------------------------------------ max_pool with argmax (training) ----
+cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, Py_ssize_t C,
+                           Py_ssize_t H, Py_ssize_t W, Py_ssize_t sn, Py_ssize_t sc,
+                           Py_ssize_t shh, Py_ssize_t sww, Py_ssize_t kH, Py_ssize_t kW,
+                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                           Py_ssize_t Ho, Py_ssize_t Wo, bint nhwc) noexcept nogil:
+    """out = the window maximum, index = its offset a * kW + b in the window (the first
+    maximum, or the first NaN, as PyTorch); outputs C-contiguous in x's layout."""
+    cdef Py_ssize_t n, c, oh, ow, a, b, a0, b0, o, best
+    cdef real m, v
+    cdef const real* xc
+    for n in range(N):
+        for c in range(C):
+            xc = x + n * sn + c * sc
+            for oh in range(Ho):
+                a0 = oh * sh - ph
+                for ow in range(Wo):
+                    b0 = ow * sw - pw
+                    best = -1
+                    m = 0
+                    for a in range(kH):
+                        if a0 + a < 0 or a0 + a >= H:
+                            continue
+                        for b in range(kW):
+                            if b0 + b < 0 or b0 + b >= W:
+                                continue
+                            v = xc[(a0 + a) * shh + (b0 + b) * sww]
+                            if best < 0 or v > m or (v != v and m == m):
+                                m = v
+                                best = a * kW + b
+                    if nhwc:
+                        o = ((n * Ho + oh) * Wo + ow) * C + c
+                    else:
+                        o = ((n * C + c) * Ho + oh) * Wo + ow
+                    out[o] = m
+                    index[o] = <int>best
+
+
+cdef void _max_pool_backward(const real* grad, const int* index, real* gx, Py_ssize_t N,
+                             Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t kW,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t Ho, Py_ssize_t Wo, bint nhwc) noexcept nogil:
+    """gx (C-contiguous, zeroed) += grad at each window's maximum."""
+    cdef Py_ssize_t n, c, oh, ow, o, k, h, w
+    for n in range(N):
+        for c in range(C):
+            for oh in range(Ho):
+                for ow in range(Wo):
+                    if nhwc:
+                        o = ((n * Ho + oh) * Wo + ow) * C + c
+                    else:
+                        o = ((n * C + c) * Ho + oh) * Wo + ow
+                    k = index[o]
+                    h = oh * sh - ph + k // kW
+                    w = ow * sw - pw + k % kW
+                    if nhwc:
+                        gx[((n * H + h) * W + w) * C + c] += grad[o]
+                    else:
+                        gx[((n * C + c) * H + h) * W + w] += grad[o]
+
+
+def _pool_geometry(cnp.ndarray x, kernel, stride, padding, bint nhwc):
+    if cnp.PyArray_NDIM(x) != 4:
+        raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
+    kH, kW, sh, sw, ph, pw = kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]
+    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0 \
+            or 2 * ph > kH or 2 * pw > kW:
+        raise ValueError("expected kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2")
+    if nhwc:
+        H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    else:
+        C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Ho, Wo = (H + 2 * ph - kH) // sh + 1, (W + 2 * pw - kW) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
+                         f"of shape {(<object>x).shape}")
+    return x.shape[0], C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+
+
+def max_pool_argmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray index, kernel, stride,
+                    padding, bint nhwc):
+    """Max pooling for training: ``out`` (x's dtype) and ``index`` (int32), both
+    C-contiguous of the output shape in x's layout; ``index`` is the offset of each
+    window's maximum inside the window (for ``max_pool_backward``)."""
+    cdef int kind = _kind(x)
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo, sn, sc, shh, sww
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _pool_geometry(x, kernel, stride, padding, nhwc)
+    _check_out(out, x, N * C * Ho * Wo, "out")
+    if index.dtype != np.int32 or not index.flags.c_contiguous or index.size != N * C * Ho * Wo:
+        raise ValueError(f"index: expected a C-contiguous int32 array of {N * C * Ho * Wo} values")
+    sn = _stride(x, 0)
+    if nhwc:
+        shh, sww, sc = _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    else:
+        sc, shh, sww = _stride(x, 1), _stride(x, 2), _stride(x, 3)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* op = cnp.PyArray_DATA(out)
+    cdef int* ip = <int*>cnp.PyArray_DATA(index)
+    with nogil:
+        if kind == 0:
+            _max_pool_argmax(<const float*>xp, <float*>op, ip, N, C, H, W, sn, sc, shh, sww,
+                             kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+        else:
+            _max_pool_argmax(<const double*>xp, <double*>op, ip, N, C, H, W, sn, sc, shh,
+                             sww, kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+
+
+def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kernel, stride,
+                      padding, bint nhwc):
+    """gx (zeroed, C-contiguous, the input's shape and layout) += grad routed to each
+    window's maximum as recorded by ``max_pool_argmax``; grad C-contiguous like index."""
+    cdef int kind = _kind(gx)
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _pool_geometry(gx, kernel, stride, padding, nhwc)
+    if not gx.flags.c_contiguous or not gx.flags.writeable:
+        raise ValueError("gx: expected a writable C-contiguous array")
+    if grad.dtype != gx.dtype or not grad.flags.c_contiguous or grad.size != N * C * Ho * Wo:
+        raise ValueError(f"grad: expected a C-contiguous {gx.dtype} array of {N * C * Ho * Wo} values")
+    if index.dtype != np.int32 or not index.flags.c_contiguous or index.size != grad.size:
+        raise ValueError("index: expected the int32 array from max_pool_argmax")
+    cdef void* gp = cnp.PyArray_DATA(grad)
+    cdef void* xp = cnp.PyArray_DATA(gx)
+    cdef int* ip = <int*>cnp.PyArray_DATA(index)
+    with nogil:
+        if kind == 0:
+            _max_pool_backward(<const float*>gp, ip, <float*>xp, N, C, H, W, kW, sh, sw, ph,
+                               pw, Ho, Wo, nhwc)
+        else:
+            _max_pool_backward(<const double*>gp, ip, <double*>xp, N, C, H, W, kW, sh, sw,
+                               ph, pw, Ho, Wo, nhwc)
