@@ -5,6 +5,9 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--threads", type=int, default=2,
                      help="threads for fastnorm and PyTorch in the norm benchmarks (default 2)")
+    parser.addoption("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="before each benchmark, wait up to SECONDS for other processes to "
+                          "leave the CPUs idle (a shared machine; default 0: do not wait)")
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +21,8 @@ def threads(request):
     except ImportError:
         pass
     return n
+
+
+@pytest.fixture
+def quiet_wait(request):
+    return request.config.getoption("--quiet-wait")

@@ -41,23 +41,42 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def load(path, stat="median"):
-    with open(path) as f:
-        data = json.load(f)
-    rows = defaultdict(dict)   # (op, shape, layout, pass) -> impl -> median seconds
+def load(paths, stat="median"):
+    """Timings of one or more runs.  With several files, each (row, implementation) takes
+    the timing measured while other processes used the least CPU (on a shared machine,
+    re-run and pass all the files)."""
+    if isinstance(paths, str):
+        paths = [paths]
+    first = None
+    rows = defaultdict(dict)   # (op, shape, layout, pass) -> impl -> seconds
+    loads = defaultdict(dict)  # same key -> impl -> cores used by other processes
     threads = set()
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if "op" not in info:
-            continue
-        key = (info["op"], tuple(info["shape"]), info["layout"], info["pass_"])
-        rows[key][info["impl"]] = b["stats"][stat]
-        threads.add(info.get("threads"))
-    return data, rows, threads
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        first = first or data
+        for b in data["benchmarks"]:
+            info = b.get("extra_info", {})
+            if "op" not in info:
+                continue
+            key = (info["op"], tuple(info["shape"]), info["layout"], info["pass_"])
+            impl = info["impl"]
+            other = info.get("other_cpu")
+            other = float("inf") if other is None else other
+            if impl not in rows[key] or other < loads[key][impl]:
+                rows[key][impl] = b["stats"][stat]
+                loads[key][impl] = other
+            threads.add(info.get("threads"))
+    first["_loads"] = {k: {i: v for i, v in r.items() if v != float("inf")}
+                       for k, r in loads.items()}
+    first["_files"] = list(paths)
+    return first, rows, threads
 
 
-def table(rows):
-    """Markdown lines of the table (rows sorted by op, shape, layout, pass)."""
+def table(rows, loads=None):
+    """Markdown lines of the table (rows sorted by op, shape, layout, pass); a time
+    measured while other processes used more than BUSY cores is marked *."""
+    loads = loads or {}
     impls = {i for r in rows.values() for i in r}
     backends = [b for b in BACKEND_ORDER if b in impls]
     compiled = [b for b in backends if b != "numpy"]
@@ -75,8 +94,13 @@ def table(rows):
         torch_t, copy_t = r.get("torch"), r.get("copy")
         bound = None if copy_t is None else copy_t * COPIES.get(pass_, 1.0)
         cells = [op, "×".join(map(str, shape)), layout, pass_]
-        cells += [_fmt_time(r.get(b)) for b in backends]
-        cells += [_fmt_time(torch_t), _fmt_time(copy_t)]
+        busy = loads.get(key, {})
+
+        def cell(impl):
+            mark = "*" if (busy.get(impl) or 0) > BUSY else ""
+            return _fmt_time(r.get(impl)) + mark
+        cells += [cell(b) for b in backends]
+        cells += [cell("torch"), cell("copy")]
         for b in compiled:
             s = None if torch_t is None or r.get(b) is None else torch_t / r[b]
             speedups[(b, pass_)].append(s)
@@ -124,6 +148,7 @@ def header(data, threads, stat="median"):
         "channels-last view of the same bytes; PyTorch forward+backward is the forward with "
         "`requires_grad` then `.backward(dy)` (grads set to None between rounds).",
         "",
+        *_load_note(data, threads),
         f"Columns: {stat} times; ×torch = torch time / fastnorm time (> 1: fastnorm faster); "
         "of bound = (copy time × copies of the pass) / time, with 1 copy for forward and "
         "eval and 2.5 copies for forward+backward.",
@@ -131,18 +156,42 @@ def header(data, threads, stat="median"):
     ]
 
 
+BUSY = 0.25  # cores used by other processes above which a timing is flagged
+
+
+def _load_note(data, threads):
+    """How busy the machine was with other processes during the run."""
+    loads = [v for r in (data.get("_loads") or {}).values() for v in r.values()]
+    if not loads:
+        return []
+    busy = sum(v > BUSY for v in loads)
+    note = (f"Other processes used {min(loads):.2f} to {max(loads):.2f} cores (median "
+            f"{sorted(loads)[len(loads) // 2]:.2f}) during the timings; {busy} of "
+            f"{len(loads)} timings ran with more than {BUSY} core busy elsewhere and are "
+            f"marked *: with as many threads as cores each parallel region then waits for a "
+            f"descheduled thread (multiples of the ~4 ms scheduler tick), so those times "
+            f"are inflated.")
+    files = data.get("_files") or []
+    if len(files) > 1:
+        note += (f"  Timings merged from {len(files)} runs, each from the run with the least "
+                 f"other load.")
+    return [note, ""]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="a file written by pytest --benchmark-json")
+    parser.add_argument("json", nargs="+",
+                        help="file(s) written by pytest --benchmark-json; with several, each "
+                             "timing is taken from the run where the machine was least busy")
     parser.add_argument("--stat", default="median", choices=["median", "min", "mean"],
                         help="which statistic of the rounds (default: median; min is the "
                              "most robust on a busy machine)")
     args = parser.parse_args(argv)
     data, rows, threads = load(args.json, args.stat)
     if not rows:
-        print(f"{args.json}: no norm benchmarks found", file=sys.stderr)
+        print(f"{' '.join(args.json)}: no norm benchmarks found", file=sys.stderr)
         return 1
-    print("\n".join(header(data, threads, args.stat) + table(rows)))
+    print("\n".join(header(data, threads, args.stat) + table(rows, data["_loads"])))
     return 0
 
 

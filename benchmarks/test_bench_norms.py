@@ -19,8 +19,15 @@ blocks, then numpy and copy, then all PyTorch blocks; each is called once before
     python3 -m pytest benchmarks --benchmark-disable -q     # correctness smoke run
     python3 -m pytest benchmarks --benchmark-json=/tmp/bench.json -q
     python3 benchmarks/report.py /tmp/bench.json
+
+Options: ``--threads N``; ``--quiet-wait S`` waits up to S seconds before each benchmark
+for other processes to leave the CPUs idle.  Each timing records how many cores other
+processes used meanwhile (``extra_info["other_cpu"]``); report.py marks busy timings and,
+given several JSON files, keeps for each timing the run with the least other load.
 """
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,19 +253,65 @@ def _check(case, pass_, result, d):
 
 
 # ----------------------------------------------------------------------- bench ----
+class _OtherCPU:
+    """CPU used by *other* processes while a benchmark runs, in cores: the machine's busy
+    time (/proc/stat) minus this process's CPU time.  With as many threads as cores, any
+    other load makes each parallel region wait for a descheduled thread (times then come
+    in multiples of the ~4 ms scheduler tick), so report.py flags such rows."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def cores(self):
+        end = self._sample()
+        if self.start is None or end is None or end[0] - self.start[0] < 0.05:
+            return None
+        wall = end[0] - self.start[0]
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return round(max(other, 0.0) / wall, 2)
+
+
+
+def _wait_until_quiet(timeout, threshold=0.1):
+    """Wait (up to ``timeout`` s) for a 0.3 s window where other processes use less than
+    ``threshold`` cores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = _OtherCPU()
+        time.sleep(0.3)
+        other = probe.cores()
+        if other is None or other < threshold:
+            return
+
+
 @pytest.mark.benchmark(max_time=0.5, min_rounds=5)
 @pytest.mark.parametrize("impl,case,pass_", _params())
-def test_norm(benchmark, threads, impl, case, pass_):
+def test_norm(benchmark, threads, quiet_wait, impl, case, pass_):
     benchmark.group = case.label(pass_)
     benchmark.extra_info.update(op=case.op, shape=list(case.shape), layout=case.layout,
                                 pass_=pass_, impl=impl, threads=threads, dtype="float32",
                                 bytes=case.size * 4)
+    busy = _OtherCPU()
     d = _data(case)
+    _wait_until_quiet(quiet_wait)
     if impl == "copy":
         out = np.empty_like(d["x"])
         run = lambda: np.copyto(out, d["x"])  # noqa: E731
         run()
         benchmark(run)
+        benchmark.extra_info["other_cpu"] = busy.cores()
         np.testing.assert_array_equal(out, d["x"])
         return
     if impl == "torch":
@@ -271,5 +324,6 @@ def test_norm(benchmark, threads, impl, case, pass_):
             run = _fastnorm_call(case, pass_, d)
             result = [None if r is None else np.array(r) for r in run()]
             benchmark(run)
+    benchmark.extra_info["other_cpu"] = busy.cores()
     if not benchmark.enabled:  # --benchmark-disable: a correctness smoke run
         _check(case, pass_, result, d)
