@@ -52,6 +52,7 @@ def cmd_demo(args):
     """A short BatchNorm tour: accuracy, backends, speed against a copy of the same bytes."""
     import fastnorm as fn
     import fastnorm.functional as F
+    from fastnorm.bench import _median_time
 
     if args.threads:
         fn.set_num_threads(args.threads)
@@ -84,11 +85,11 @@ def cmd_demo(args):
 
             mean, invstd = fwd()[1:]
             ev = lambda: F.batch_norm_eval(x, mean, invstd, w, b, out=y)  # noqa: E731
-            reps = 3 if name == "numpy" else 7
-            t_copy = _median(lambda: np.copyto(copy, x), reps)
-            t_fwd = _median(fwd, reps)
-            t_fb = _median(fwdbwd, reps)
-            t_ev = _median(ev, reps)
+            budget = 0.5 if name == "numpy" else 0.2
+            t_copy = _median_time(lambda: np.copyto(copy, x), budget)
+            t_fwd = _median_time(fwd, budget)
+            t_fb = _median_time(fwdbwd, budget)
+            t_ev = _median_time(ev, budget)
             fwd()
             if ref is None:
                 ref = y.astype(np.float64)
@@ -253,15 +254,6 @@ def cmd_bench(args):
 def _layout_arg(value):
     from fastnorm import _checks
     return _checks.layout(value, "--layout")
-
-
-def _median(fn, reps):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 # ------------------------------------------------------------- experiments ----

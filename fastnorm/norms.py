@@ -121,6 +121,22 @@ def _update_running(running_mean, running_var, mean, var, n, momentum):
         running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
 
 
+def running_stats(running_mean, running_var, C, eps, mode="training=False"):
+    """Validated running buffers as float64 ``(mean, invstd)`` for normalizing with fixed
+    statistics; both buffers are required (``mode`` names the call in the error)."""
+    if running_mean is not None:
+        _checks.buffer(running_mean, "running_mean", (C,))
+    if running_var is not None:
+        _checks.buffer(running_var, "running_var", (C,))
+    if running_mean is None or running_var is None:
+        raise ValueError(f"running_mean, running_var: expected both running buffers when "
+                         f"{mode}, got "
+                         f"running_mean={'None' if running_mean is None else 'an array'}, "
+                         f"running_var={'None' if running_var is None else 'an array'}")
+    return (running_mean.astype(np.float64),
+            _invstd(running_var.astype(np.float64), eps))
+
+
 def _one_value_error(x):
     return ValueError(f"Expected more than 1 value per channel when training, "
                       f"got input size {x.shape}")
@@ -230,18 +246,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                                 running_var=running_var, momentum=momentum)[0]
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
-    if running_mean is not None:
-        _checks.buffer(running_mean, "running_mean", (C,))
-    if running_var is not None:
-        _checks.buffer(running_var, "running_var", (C,))
-    C, dims = channel_view(x, layout)
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean, running_var: expected both running buffers when "
-                         "training=False, got "
-                         f"running_mean={'None' if running_mean is None else 'an array'}, "
-                         f"running_var={'None' if running_var is None else 'an array'}")
-    mean = running_mean.astype(np.float64)
-    return _apply(x, dims, mean, _invstd(running_var.astype(np.float64), eps), weight, bias, out)
+    mean, invstd = running_stats(running_mean, running_var, C, eps)
+    return _apply(x, channel_view(x, layout)[1], mean, invstd, weight, bias, out)
 
 
 # ------------------------------------------------------------------------ LayerNorm ----
@@ -402,18 +408,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                                    running_var=running_var, momentum=momentum)[0]
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
-    if running_mean is not None:
-        _checks.buffer(running_mean, "running_mean", (C,))
-    if running_var is not None:
-        _checks.buffer(running_var, "running_var", (C,))
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean, running_var: expected both running buffers when "
-                         "use_input_stats=False, got "
-                         f"running_mean={'None' if running_mean is None else 'an array'}, "
-                         f"running_var={'None' if running_var is None else 'an array'}")
+    mean, invstd = running_stats(running_mean, running_var, C, eps, "use_input_stats=False")
     # Fixed statistics per channel: the same transform as BatchNorm in eval mode.
-    return _apply(x, channel_view(x, layout)[1], running_mean.astype(np.float64),
-                  _invstd(running_var.astype(np.float64), eps), weight, bias, None)
+    return _apply(x, channel_view(x, layout)[1], mean, invstd, weight, bias, None)
 
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", param_grads=None):

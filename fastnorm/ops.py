@@ -1363,13 +1363,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
             momentum = _checks.momentum(momentum)
         return BatchNormTrain.apply(x, weight, bias, running_mean=rm, running_var=rv,
                                     momentum=momentum, eps=eps, layout=layout)
-    if rm is None or rv is None:
-        raise ValueError("running_mean, running_var: expected both running buffers when "
-                         "training=False, got "
-                         f"running_mean={'None' if rm is None else 'an array'}, "
-                         f"running_var={'None' if rv is None else 'an array'}")
-    mean = rm.astype(np.float64)
-    invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+    mean, invstd = norms.running_stats(rm, rv, C, eps)
     return BatchNormEval.apply(x, weight, bias, mean=mean, invstd=invstd, layout=layout)
 
 
@@ -1457,13 +1451,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             momentum = _checks.momentum(momentum)
         return InstanceNormTrain.apply(x, weight, bias, running_mean=rm, running_var=rv,
                                        momentum=momentum, eps=eps, layout=layout)
-    if rm is None or rv is None:
-        raise ValueError("running_mean, running_var: expected both running buffers when "
-                         "use_input_stats=False, got "
-                         f"running_mean={'None' if rm is None else 'an array'}, "
-                         f"running_var={'None' if rv is None else 'an array'}")
-    mean = rm.astype(np.float64)
-    invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+    mean, invstd = norms.running_stats(rm, rv, C, eps, "use_input_stats=False")
     return BatchNormEval.apply(x, weight, bias, mean=mean, invstd=invstd, layout=layout)
 
 
