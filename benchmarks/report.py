@@ -25,6 +25,8 @@ BACKEND_ORDER = ["cython", "numba", "numpy"]
 def _fmt_time(seconds):
     if seconds is None:
         return "–"
+    if seconds < 1e-5:
+        return f"{seconds * 1e6:.2g} µs"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
     return f"{seconds * 1e3:.3g} ms"
@@ -151,7 +153,8 @@ def header(data, threads, stat="median"):
         *_load_note(data, threads),
         f"Columns: {stat} times; ×torch = torch time / fastnorm time (> 1: fastnorm faster); "
         "of bound = (copy time × copies of the pass) / time, with 1 copy for forward and "
-        "eval and 2.5 copies for forward+backward.",
+        "eval and 2.5 copies for forward+backward.  The copy is `np.copyto`, one thread: "
+        "kernels on more threads can beat it on large arrays (of bound > 1).",
         "",
     ]
 
