@@ -37,11 +37,12 @@ def _fastnorm_epoch(model_name, layout, x, y):
     x = train.to_layout(x, layout)
 
     def epoch():
-        for i in range(0, len(x) - 1, BATCH):
-            loss = cross_entropy(model(x[i:i + BATCH]), y[i:i + BATCH])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        with train._blas_single_thread():  # as fastnorm.train.fit runs it
+            for i in range(0, len(x) - 1, BATCH):
+                loss = cross_entropy(model(x[i:i + BATCH]), y[i:i + BATCH])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     return epoch
 
 
