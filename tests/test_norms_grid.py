@@ -16,6 +16,17 @@ from norm_specs import (REF_RTOL, SPECS, TORCH_RTOL, assert_close, case_for,  # 
                         copy_params, grid, torch_run)
 
 GRID = grid()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_single_thread():
+    """PyTorch on one thread here: its OpenMP pool and fastnorm's, called alternately on
+    tiny arrays, only wait for each other (and on a busy machine each PyTorch call can
+    then take a scheduler tick); the values do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 WITH_RUNNING = [c for c in GRID if c.running]
 
 # Momenta of the successive training steps of the running-statistics test.
