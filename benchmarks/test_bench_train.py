@@ -35,6 +35,7 @@ def _fastnorm_epoch(model_name, layout, x, y):
     model = train.build_model(model_name, "batch", layout)
     opt = fn.optim.Adam(model.parameters(), lr=1e-3)
     x = train.to_layout(x, layout)
+    train.keep_freed_memory()  # as fastnorm.train.fit runs it
 
     def epoch():
         with train._blas_single_thread():  # as fastnorm.train.fit runs it

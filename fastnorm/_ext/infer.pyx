@@ -474,3 +474,107 @@ def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kerne
         else:
             _max_pool_backward(<const double*>gp, ip, <double*>xp, N, C, H, W, kW, sh, sw,
                                ph, pw, Ho, Wo, nhwc)
+
+
+# ---------------------------------------------------------------------------- col2im ----
+cdef void _col2im_nchw(const real* cols, real* gx, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                       Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
+    """The adjoint of _im2col_nchw: each (n, c) plane is accumulated with its padding in
+    ``plane``, then its interior is written to gx (C-contiguous NCHW)."""
+    cdef Py_ssize_t n, c, i, j, oh, ow, h, w
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
+    cdef const real* src = cols
+    cdef real* row
+    cdef real* dst
+    for n in range(N):
+        for c in range(C):
+            for h in range(Hp * Wp):
+                plane[h] = 0
+            for i in range(kH):
+                for j in range(kW):
+                    for oh in range(Ho):
+                        row = plane + (oh * sh + i) * Wp + j
+                        if sw == 1:
+                            for ow in range(Wo):
+                                row[ow] += src[ow]
+                        else:
+                            for ow in range(Wo):
+                                row[ow * sw] += src[ow]
+                        src += Wo
+            dst = gx + (n * C + c) * H * W
+            for h in range(H):
+                for w in range(W):
+                    dst[h * W + w] = plane[(h + ph) * Wp + pw + w]
+
+
+cdef void _col2im_nhwc(const real* cols, real* gx, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                       Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
+    """The adjoint of _im2col_nhwc into gx (C-contiguous NHWC)."""
+    cdef Py_ssize_t n, c, i, j, oh, ow, ih, iw
+    cdef const real* src = cols
+    cdef real* dst
+    for n in range(N * H * W * C):
+        gx[n] = 0
+    for n in range(N):
+        for oh in range(Ho):
+            for ow in range(Wo):
+                for i in range(kH):
+                    ih = oh * sh - ph + i
+                    for j in range(kW):
+                        iw = ow * sw - pw + j
+                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            dst = gx + ((n * H + ih) * W + iw) * C
+                            for c in range(C):
+                                dst[c] += src[c]
+                        src += C
+
+
+def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc):
+    """The adjoint of ``im2col``: sum the column-matrix gradient ``cols`` (C-contiguous,
+    the layout ``im2col`` writes) back into ``gx`` (C-contiguous 4-D, NCHW or NHWC, the
+    input's shape and dtype), overwriting it."""
+    cdef int kind = _kind(gx)
+    if cnp.PyArray_NDIM(gx) != 4 or not gx.flags.c_contiguous or not gx.flags.writeable:
+        raise ValueError("gx: expected a writable C-contiguous 4-D array")
+    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError("expected kernel >= 1, stride >= 1, padding >= 0")
+    cdef Py_ssize_t N = gx.shape[0], C, H, W
+    if nhwc:
+        H, W, C = gx.shape[1], gx.shape[2], gx.shape[3]
+    else:
+        C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
+    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
+                         f"of shape {(<object>gx).shape}")
+    if cols.dtype != gx.dtype or not cols.flags.c_contiguous \
+            or cols.size != N * C * kH * kW * Ho * Wo:
+        raise ValueError(f"cols: expected a C-contiguous {gx.dtype} array of "
+                         f"{N * C * kH * kW * Ho * Wo} values")
+    cdef void* cp = cnp.PyArray_DATA(cols)
+    cdef void* gp = cnp.PyArray_DATA(gx)
+    cdef void* plane = NULL
+    if not nhwc:
+        plane = PyMem_RawMalloc((H + 2 * ph) * (W + 2 * pw) * cnp.PyArray_ITEMSIZE(gx))
+        if plane == NULL:
+            raise MemoryError()
+    with nogil:
+        if kind == 0 and nhwc:
+            _col2im_nhwc(<const float*>cp, <float*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
+                         Ho, Wo)
+        elif kind == 0:
+            _col2im_nchw(<const float*>cp, <float*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
+                         Ho, Wo, <float*>plane)
+        elif nhwc:
+            _col2im_nhwc(<const double*>cp, <double*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
+                         Ho, Wo)
+        else:
+            _col2im_nchw(<const double*>cp, <double*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
+                         Ho, Wo, <double*>plane)
+        PyMem_RawFree(plane)
