@@ -150,6 +150,7 @@ def cmd_train(args):
         f"({np.median([h['seconds'] for h in history]):.2f} s per epoch)")
     if not lead:
         return 0
+    _show_predictions(model, xte, yte, layout)
     if args.save:
         fn.save(model, args.save, metadata=train.config_metadata(config))
         print(f"saved {args.save}")
@@ -161,6 +162,33 @@ def cmd_train(args):
         _plot_history(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _show_predictions(model, x, y, layout, count=6):
+    """A few test images as text, with the model's answer (eval mode, running statistics),
+    the first misclassified ones first."""
+    import fastnorm as fn
+
+    model.eval()
+    with fn.inference_mode():
+        pred = model(x).data.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    pick = list(wrong[:count // 2]) + [i for i in range(len(y)) if pred[i] == y[i]]
+    pick = pick[:count]
+    images = x[pick] if layout == "NCHW" else x[pick].transpose(0, 3, 1, 2)
+    if images.shape[1] != 1 or images.shape[2] > 16:  # only small grey images render well
+        return
+    shades = " .:-=+*#%@"
+    print(f"\nsome test images ({len(wrong)} of {len(y)} misclassified), eval mode:")
+    rows = [""] * images.shape[2]
+    labels = ""
+    for img, i in zip(images[:, 0], pick):
+        for r in range(img.shape[0]):
+            rows[r] += "".join(shades[min(9, int(v * 9.99))] * 2 for v in img[r]) + "   "
+        tag = f"{'ok' if pred[i] == y[i] else 'WRONG'} {pred[i]} (is {y[i]})"
+        labels += tag.ljust(2 * img.shape[1] + 3)
+    print("\n".join(rows))
+    print(labels)
 
 
 def _silent(*args, **kwargs):
