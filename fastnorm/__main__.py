@@ -141,6 +141,7 @@ def cmd_train(args):
     t0 = time.perf_counter()
     history = train.fit(model, (xtr, ytr), (xte, yte), epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                        schedule=args.schedule,
                         progress=lead and not args.no_progress, log=out,
                         distributed=args.distributed, seed=args.seed)
     total = time.perf_counter() - t0
@@ -337,6 +338,8 @@ def build_parser():
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam")
+    s.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning-rate schedule over the epochs (default: cosine decay)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data", default="digits", help="digits, or mnist:DIR (the four IDX files)")
     s.add_argument("--save", default=None, metavar="PATH", help=".safetensors or .npz")

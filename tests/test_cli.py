@@ -151,3 +151,19 @@ def test_info():
     r = run("info")
     assert r.returncode == 0, r.stderr
     assert "backends available" in r.stdout and "numpy" in r.stdout
+
+
+@pytest.mark.parametrize("model, target", [("cnn", 0.98), ("mlp", 0.97)])
+def test_default_training_reaches_the_accuracy_targets(model, target, tmp_path):
+    """The issue's targets with the defaults (20 epochs, Adam, cosine schedule, seed 0)."""
+    metrics = tmp_path / "m.json"
+    r = run("train", "--model", model, "--no-progress", "--json", str(metrics))
+    assert r.returncode == 0, r.stderr
+    hist = json.loads(metrics.read_text())["history"]
+    assert len(hist) == 20 and hist[-1]["test_acc"] >= target
+    assert "misclassified" in r.stdout  # the text rendering of a few test digits
+
+
+def test_schedule_option_is_checked():
+    r = run("train", "--schedule", "linear")
+    assert r.returncode != 0 and "invalid choice" in r.stderr
