@@ -13,28 +13,39 @@ and NaN must propagate as in PyTorch.
 """
 import os
 import sys
+import tempfile
+
+
+def _writable(path):
+    """True when a file can be created in ``path`` (made if missing).  A real write, not
+    ``os.access``: root passes permission checks but not a read-only mount."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
 
 
 def _configure_cache_dir():
-    """Numba writes its cache next to the package; fall back to a user directory when the
-    package directory is read-only (a site-packages owned by another user, a container)."""
+    """Numba caches compiled kernels in the package's ``__pycache__``; when that is not
+    writable (site-packages of another user, a read-only image) use the user's cache
+    directory, else the temp directory.  Returns the directory chosen, or None when the
+    package's own directory (or an explicit NUMBA_CACHE_DIR) is used."""
     if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    here = os.path.dirname(os.path.abspath(__file__))
-    if os.access(os.path.join(here, "__pycache__") if os.path.isdir(os.path.join(here, "__pycache__")) else here, os.W_OK):
-        return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for candidate in (base, os.path.join(os.environ.get("TMPDIR", "/tmp"))):
-        path = os.path.join(candidate, "fastnorm", "numba")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
+        return None
+    if _writable(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")):
+        return None
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for base in (user, tempfile.gettempdir()):
+        path = os.path.join(base, "fastnorm", "numba")
+        if _writable(path):
             os.environ["NUMBA_CACHE_DIR"] = path
-            if "numba" in sys.modules:  # numba read its config already
+            if "numba" in sys.modules:  # numba has read its configuration already
                 sys.modules["numba"].config.CACHE_DIR = path
-            return
+            return path
+    return None  # numba's own locators decide; with none, _jit compiles without a cache
 
 
 _configure_cache_dir()
