@@ -1298,27 +1298,32 @@ def _grads_or_none(ctx, dx, dw, db):
     return (dx if nx else None), (dw if nw else None), (db if nb else None)
 
 
-@register("batch_norm_train")
-class BatchNormTrain(Function):
-    """BatchNorm with batch statistics (``norms.batch_norm_train``); updates the running
-    buffers in place when given."""
+class _StatisticsNorm(Function):
+    """BatchNorm/InstanceNorm with batch statistics: ``_train`` (``norms.*_train``, which
+    also updates the running buffers when given) and its fused ``_grad``."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean=None, running_var=None, momentum=0.1,
+    @classmethod
+    def forward(cls, ctx, x, weight, bias, running_mean=None, running_var=None, momentum=0.1,
                 eps=1e-5, layout="NCHW"):
-        y, mean, invstd = norms.batch_norm_train(x, weight, bias, eps, layout,
-                                                 running_mean=running_mean,
-                                                 running_var=running_var, momentum=momentum)
+        y, mean, invstd = cls._train(x, weight, bias, eps, layout, running_mean=running_mean,
+                                     running_var=running_var, momentum=momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.layout = layout
         return y
 
-    @staticmethod
-    def backward(ctx, grad):
+    @classmethod
+    def backward(cls, ctx, grad):
         x, weight, mean, invstd = ctx.saved
-        dx, dw, db = norms.batch_norm_backward(grad, x, mean, invstd, weight, ctx.layout,
-                                               param_grads=_param_grads(ctx))
+        dx, dw, db = cls._grad(grad, x, mean, invstd, weight, ctx.layout,
+                               param_grads=_param_grads(ctx))
         return _grads_or_none(ctx, dx, dw, db)
+
+
+@register("batch_norm_train")
+class BatchNormTrain(_StatisticsNorm):
+    """BatchNorm with batch statistics per channel (``norms.batch_norm_train``)."""
+    _train = staticmethod(norms.batch_norm_train)
+    _grad = staticmethod(norms.batch_norm_backward)
 
 
 @register("batch_norm_eval")
@@ -1425,26 +1430,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
 
 
 @register("instance_norm_train")
-class InstanceNormTrain(Function):
+class InstanceNormTrain(_StatisticsNorm):
     """InstanceNorm with each (sample, channel)'s own statistics; the running buffers,
     when given, move towards the batch average of those statistics (as PyTorch)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean=None, running_var=None, momentum=0.1,
-                eps=1e-5, layout="NCHW"):
-        y, mean, invstd = norms.instance_norm_train(x, weight, bias, eps, layout,
-                                                    running_mean=running_mean,
-                                                    running_var=running_var, momentum=momentum)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.layout = layout
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, mean, invstd = ctx.saved
-        dx, dw, db = norms.instance_norm_backward(grad, x, mean, invstd, weight, ctx.layout,
-                                                  param_grads=_param_grads(ctx))
-        return _grads_or_none(ctx, dx, dw, db)
+    _train = staticmethod(norms.instance_norm_train)
+    _grad = staticmethod(norms.instance_norm_backward)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
