@@ -731,18 +731,18 @@ def col_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
 
 
 cdef inline void _row_param_grads_block(const floating* dy, const floating* x,
-                                        Py_ssize_t R, Py_ssize_t K, Py_ssize_t k0,
-                                        Py_ssize_t k1, const double* mean,
+                                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
+                                        Py_ssize_t k0, Py_ssize_t k1, const double* mean,
                                         const double* invstd, double* dweight,
                                         double* dbias) noexcept nogil:
-    """dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy, for
-    columns [k0, k1)."""
+    """dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy, for rows
+    [r0, r1) and columns [k0, k1)."""
     cdef Py_ssize_t r, k, off
     cdef double mu, s, d
     for k in range(k0, k1):
         dweight[k] = 0.0
         dbias[k] = 0.0
-    for r in range(R):
+    for r in range(r0, r1):
         off = r * K
         mu = mean[r]
         s = invstd[r]
@@ -753,19 +753,20 @@ cdef inline void _row_param_grads_block(const floating* dy, const floating* x,
 
 
 def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
-                    Py_ssize_t K, Py_ssize_t nblk, const double[::1] mean,
+                    Py_ssize_t K, Py_ssize_t nrch, Py_ssize_t nblk, const double[::1] mean,
                     const double[::1] invstd, double[::1] dweight, double[::1] dbias,
                     Py_ssize_t nthreads):
     """Per-value parameter gradients of row norms (LayerNorm/RMSNorm):
     dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy.
-    Columns are split into nblk blocks; each block owns its outputs."""
-    cdef Py_ssize_t b, total = R * K
+    Rows are split into nrch chunks (chunk c sums into dweight/dbias[c*K:(c+1)*K], merged
+    by the caller) and columns into nblk blocks; each (chunk, block) owns its outputs."""
+    cdef Py_ssize_t it, c, b, total = R * K
     _need(dy.shape[0], total, "dy")
     _need(x.shape[0], total, "x")
     _need(mean.shape[0], R, "mean")
     _need(invstd.shape[0], R, "invstd")
-    _need(dweight.shape[0], K, "dweight")
-    _need(dbias.shape[0], K, "dbias")
+    _need(dweight.shape[0], nrch * K, "dweight")
+    _need(dbias.shape[0], nrch * K, "dbias")
     if total == 0:
         return
     cdef const floating* dyp = &dy[0]
@@ -774,9 +775,12 @@ def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
     cdef const double* rp = &invstd[0]
     cdef double* dwp = &dweight[0]
     cdef double* dbp = &dbias[0]
-    for b in prange(nblk, nogil=True, schedule='static', num_threads=nthreads):
-        _row_param_grads_block(dyp, xp, R, K, K * b // nblk, K * (b + 1) // nblk, mp, rp,
-                               dwp, dbp)
+    for it in prange(nrch * nblk, nogil=True, schedule='static', num_threads=nthreads):
+        c = it // nblk
+        b = it - c * nblk
+        _row_param_grads_block(dyp, xp, R * c // nrch, R * (c + 1) // nrch, K,
+                               K * b // nblk, K * (b + 1) // nblk, mp, rp,
+                               dwp + c * K, dbp + c * K)
 
 
 # ----------------------------------------------------------------------------------------

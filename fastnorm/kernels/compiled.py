@@ -252,15 +252,19 @@ class CompiledBackend:
         return Ks == 1 and M == 1 and G == 1
 
     def _row_param_grads(self, dy, x, dims, mean, invstd):
+        """Column sums over the rows.  Short rows: chunks of whole rows, read contiguously,
+        each into its own accumulator row (merged here); long rows (few of them): blocks
+        of columns, each owning its outputs (no accumulators)."""
         nt = self._threads(x.size)
         P, K = dims[0], dims[3]
-        dweight = np.empty(K)
-        dbias = np.empty(K)
-        nblk = max(1, min(_cdiv(P * K, _config.MIN_CHUNK_ELEMENTS), _cdiv(K, 64),
-                          _config.MAX_CHUNKS))
-        self.k.row_param_grads(dy.reshape(-1), x.reshape(-1), P, K, nblk, mean, invstd,
+        nblk = max(1, min(_config.MAX_CHUNKS, K // _config.MIN_CHUNK_ELEMENTS))
+        nrch = max(1, min(_config.MAX_CHUNKS // nblk, _cdiv(P * K, _config.MIN_CHUNK_ELEMENTS),
+                          P, (1 << 22) // K))
+        dweight = np.empty(nrch * K)
+        dbias = np.empty(nrch * K)
+        self.k.row_param_grads(dy.reshape(-1), x.reshape(-1), P, K, nrch, nblk, mean, invstd,
                                dweight, dbias, nt)
-        return dweight, dbias
+        return dweight.reshape(nrch, K).sum(axis=0), dbias.reshape(nrch, K).sum(axis=0)
 
     @staticmethod
     def _param_grads(sdy, sdyxc, invstd, P, G, Kc):

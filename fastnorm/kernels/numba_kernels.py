@@ -467,18 +467,23 @@ def col_apply_backward(dy, x, P, M, W, nch, k1, k2, k3, dx, nthreads):
 
 
 @_jit(True)
-def row_param_grads(dy, x, R, K, nblk, mean, invstd, dweight, dbias, nthreads):
+def row_param_grads(dy, x, R, K, nrch, nblk, mean, invstd, dweight, dbias, nthreads):
     """Per-value parameter gradients of row norms (LayerNorm/RMSNorm):
     dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy.
-    Columns are split into nblk blocks; each block owns its outputs."""
-    for b in prange(nblk):
+    Rows are split into nrch chunks (chunk c sums into dweight/dbias[c*K:(c+1)*K], merged
+    by the caller) and columns into nblk blocks; each (chunk, block) owns its outputs."""
+    for it in prange(nrch * nblk):
+        c = it // nblk
+        b = it - c * nblk
+        r0 = R * c // nrch
+        r1 = R * (c + 1) // nrch
         k0 = K * b // nblk
         k1 = K * (b + 1) // nblk
-        dw = dweight[k0:k1]
-        db = dbias[k0:k1]
+        dw = dweight[c * K + k0:c * K + k1]
+        db = dbias[c * K + k0:c * K + k1]
         dw[:] = 0.0
         db[:] = 0.0
-        for r in range(R):
+        for r in range(r0, r1):
             mu = mean[r]
             s = invstd[r]
             dyr = dy[r * K + k0:r * K + k1]
