@@ -132,23 +132,10 @@ def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc):
     """Write the column matrix of a convolution of ``x`` (4-D, NCHW or NHWC, any
     strides) into ``cols`` (C-contiguous, ``N*C*kH*kW*Ho*Wo`` values of x's dtype)."""
     cdef int kind = _kind(x)
-    if cnp.PyArray_NDIM(x) != 4:
-        raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
-    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1]
-    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
-        raise ValueError("expected kernel >= 1, stride >= 1, padding >= 0")
-    cdef Py_ssize_t N = x.shape[0], C, H, W, s0, s1, s2, s3
-    if nhwc:
-        H, W, C = x.shape[1], x.shape[2], x.shape[3]
-        s0, s1, s2, s3 = _stride(x, 0), _stride(x, 1), _stride(x, 2), _stride(x, 3)
-    else:
-        C, H, W = x.shape[1], x.shape[2], x.shape[3]
-        s0, s1, s2, s3 = _stride(x, 0), _stride(x, 1), _stride(x, 2), _stride(x, 3)
-    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
-                         f"of shape {(<object>x).shape}")
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc)
+    cdef Py_ssize_t s0 = _stride(x, 0), s1 = _stride(x, 1), s2 = _stride(x, 2)
+    cdef Py_ssize_t s3 = _stride(x, 3)
     _check_out(cols, x, N * C * kH * kW * Ho * Wo, "cols")
     cdef void* xp = cnp.PyArray_DATA(x)
     cdef void* cp = cnp.PyArray_DATA(cols)
@@ -313,25 +300,13 @@ def max_pool(cnp.ndarray x, cnp.ndarray out, kernel, stride, padding, bint nhwc)
     shape in the same layout).  Padding is at most half the kernel, as the modules
     require, so every window holds at least one input value."""
     cdef int kind = _kind(x)
-    if cnp.PyArray_NDIM(x) != 4:
-        raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
-    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1]
-    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0 \
-            or 2 * ph > kH or 2 * pw > kW:
-        raise ValueError("expected kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2")
-    cdef Py_ssize_t N = x.shape[0], C, H, W, sn, sc, shh, sww
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo, sn, sc, shh, sww
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc, True)
     sn = _stride(x, 0)
     if nhwc:
-        H, W, C = x.shape[1], x.shape[2], x.shape[3]
         shh, sww, sc = _stride(x, 1), _stride(x, 2), _stride(x, 3)
     else:
-        C, H, W = x.shape[1], x.shape[2], x.shape[3]
         sc, shh, sww = _stride(x, 1), _stride(x, 2), _stride(x, 3)
-    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
-                         f"of shape {(<object>x).shape}")
     _check_out(out, x, N * C * Ho * Wo, "out")
     cdef void* xp = cnp.PyArray_DATA(x)
     cdef void* op = cnp.PyArray_DATA(out)
@@ -405,12 +380,16 @@ cdef void _max_pool_backward(const real* grad, const int* index, real* gx, Py_ss
                         gx[((n * C + c) * H + h) * W + w] += grad[o]
 
 
-def _pool_geometry(cnp.ndarray x, kernel, stride, padding, bint nhwc):
+def _geometry(cnp.ndarray x, kernel, stride, padding, bint nhwc, bint pool=False):
+    """(N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo) of a convolution or pooling window
+    over the 4-D ``x``, checked (pooling: padding at most half the kernel, as the modules
+    require, so every window holds at least one input value)."""
     if cnp.PyArray_NDIM(x) != 4:
         raise ValueError(f"x: expected a 4-D array, got shape {(<object>x).shape}")
     kH, kW, sh, sw, ph, pw = kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]
-    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0 \
-            or 2 * ph > kH or 2 * pw > kW:
+    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError("expected kernel >= 1, stride >= 1, padding >= 0")
+    if pool and (2 * ph > kH or 2 * pw > kW):
         raise ValueError("expected kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2")
     if nhwc:
         H, W, C = x.shape[1], x.shape[2], x.shape[3]
@@ -430,7 +409,7 @@ def max_pool_argmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray index, kernel, s
     window's maximum inside the window (for ``max_pool_backward``)."""
     cdef int kind = _kind(x)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo, sn, sc, shh, sww
-    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _pool_geometry(x, kernel, stride, padding, nhwc)
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc, True)
     _check_out(out, x, N * C * Ho * Wo, "out")
     if index.dtype != np.int32 or not index.flags.c_contiguous or index.size != N * C * Ho * Wo:
         raise ValueError(f"index: expected a C-contiguous int32 array of {N * C * Ho * Wo} values")
@@ -457,7 +436,7 @@ def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kerne
     window's maximum as recorded by ``max_pool_argmax``; grad C-contiguous like index."""
     cdef int kind = _kind(gx)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
-    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _pool_geometry(gx, kernel, stride, padding, nhwc)
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(gx, kernel, stride, padding, nhwc, True)
     if not gx.flags.c_contiguous or not gx.flags.writeable:
         raise ValueError("gx: expected a writable C-contiguous array")
     if grad.dtype != gx.dtype or not grad.flags.c_contiguous or grad.size != N * C * Ho * Wo:
@@ -540,19 +519,8 @@ def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc)
     cdef int kind = _kind(gx)
     if cnp.PyArray_NDIM(gx) != 4 or not gx.flags.c_contiguous or not gx.flags.writeable:
         raise ValueError("gx: expected a writable C-contiguous 4-D array")
-    cdef Py_ssize_t kH = kernel[0], kW = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1]
-    if kH < 1 or kW < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
-        raise ValueError("expected kernel >= 1, stride >= 1, padding >= 0")
-    cdef Py_ssize_t N = gx.shape[0], C, H, W
-    if nhwc:
-        H, W, C = gx.shape[1], gx.shape[2], gx.shape[3]
-    else:
-        C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
-    cdef Py_ssize_t Ho = (H + 2 * ph - kH) // sh + 1, Wo = (W + 2 * pw - kW) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kernel} with padding {padding} does not fit an input "
-                         f"of shape {(<object>gx).shape}")
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(gx, kernel, stride, padding, nhwc)
     if cols.dtype != gx.dtype or not cols.flags.c_contiguous \
             or cols.size != N * C * kH * kW * Ho * Wo:
         raise ValueError(f"cols: expected a C-contiguous {gx.dtype} array of "
