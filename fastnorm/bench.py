@@ -8,7 +8,8 @@ the two libraries interleaved one by one cost ~37% (each brings its own OpenMP r
 
 The bound of a pass is the copy time times the passes over x it cannot avoid: one read and
 one write (1 copy) for a forward, two reads and one write of x-sized arrays (1.5 copies)
-for a backward, so 2.5 copies for forward+backward.
+for a backward, so 2.5 copies for forward+backward; "of bound" is that bound divided by
+the measured time (1.0: at the bandwidth limit), as in benchmarks/report.py.
 """
 import json
 import math
@@ -229,7 +230,7 @@ def run(cases, backends, threads=(2,), budget=0.3, use_torch=True, log=print):
                         "op": case.op, "shape": list(case.shape), "layout": case.layout,
                         "pass": p, "threads": nt, "backend": backend, "seconds": t,
                         "gbps": COPIES[p] * 2 * nbytes / t / 1e9,
-                        "bound_ratio": t / (COPIES[p] * t_copy),
+                        "of_bound": COPIES[p] * t_copy / t,
                         "copy_seconds": t_copy, "torch_seconds": t_torch,
                         "speedup_vs_torch": (t_torch / t) if t_torch else None})
     return results
@@ -241,7 +242,7 @@ def geomean(values):
 
 
 def format_table(results):
-    lines = ["| op | shape | layout | pass | threads | backend | time | GB/s | x bound | "
+    lines = ["| op | shape | layout | pass | threads | backend | time | GB/s | of bound | "
              "torch | speedup |", "|" + "---|" * 11]
     for r in results:
         t = r["seconds"]
@@ -249,14 +250,15 @@ def format_table(results):
         lines.append(
             f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['pass']} | "
             f"{r['threads']} | {r['backend']} | {_fmt(t)} | {r['gbps']:.1f} | "
-            f"{r['bound_ratio']:.2f} | {_fmt(tt) if tt else '-'} | "
+            f"{r['of_bound']:.2f} | {_fmt(tt) if tt else '-'} | "
             f"{(str(round(r['speedup_vs_torch'], 2)) + 'x') if tt else '-'} |")
     for backend in sorted({r["backend"] for r in results}):
         for nt in sorted({r["threads"] for r in results}):
             sel = [r for r in results if r["backend"] == backend and r["threads"] == nt]
             sp = geomean([r["speedup_vs_torch"] for r in sel])
-            lines.append(f"\ngeomean speedup vs torch, {backend}, {nt} threads: {sp:.2f}x "
-                         f"over {len(sel)} cases")
+            if sp == sp:  # not NaN: PyTorch was timed
+                lines.append(f"\ngeomean speedup vs torch, {backend}, {nt} threads: "
+                             f"{sp:.2f}x over {len(sel)} cases")
     return "\n".join(lines)
 
 
