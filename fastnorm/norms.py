@@ -87,7 +87,7 @@ def _backward(dy, x, dims, mean, invstd, weight, center, out, param_grads):
     return dx, dw.astype(x.dtype), db.astype(x.dtype)
 
 
-def _saved(a, name, n, dtype):
+def _saved(a, name, n):
     """A saved statistic (mean/invstd) as a flat float64 array of n values."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
@@ -185,8 +185,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=Non
     C, dims = channel_view(x, layout)
     if param_grads is None:
         param_grads = weight is not None
-    return _backward(dy, x, dims, _saved(mean, "mean", C, x.dtype),
-                     _saved(invstd, "invstd", C, x.dtype), weight, True, out, param_grads)
+    return _backward(dy, x, dims, _saved(mean, "mean", C),
+                     _saved(invstd, "invstd", C), weight, True, out, param_grads)
 
 
 def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=None):
@@ -194,7 +194,7 @@ def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=
     (the folded inference transform y = a*x + b, a = weight*invstd, b = bias - mean*a)."""
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     C, dims = channel_view(x, layout)
-    return _apply(x, dims, _saved(mean, "mean", C, x.dtype), _saved(invstd, "invstd", C, x.dtype),
+    return _apply(x, dims, _saved(mean, "mean", C), _saved(invstd, "invstd", C),
                   weight, bias, out)
 
 
@@ -281,8 +281,8 @@ def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, para
     if param_grads is None:
         param_grads = weight is not None
     R = dims[0]
-    dx, dw, db = _backward(dy, x, dims, _saved(mean, "mean", R, x.dtype),
-                           _saved(invstd, "invstd", R, x.dtype), _flat(weight), True, None,
+    dx, dw, db = _backward(dy, x, dims, _saved(mean, "mean", R),
+                           _saved(invstd, "invstd", R), _flat(weight), True, None,
                            param_grads)
     if param_grads:
         dw, db = dw.reshape(shape), db.reshape(shape)
@@ -318,7 +318,7 @@ def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None):
     dx = invrms * (g - x * invrms^2 * sum(g * x)/K), g = dy * weight."""
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     R = dims[0]
-    dx, dw, _ = _backward(dy, x, dims, np.zeros(R), _saved(invrms, "invrms", R, x.dtype),
+    dx, dw, _ = _backward(dy, x, dims, np.zeros(R), _saved(invrms, "invrms", R),
                           _flat(weight), False, None, weight is not None)
     return dx, (None if dw is None else dw.reshape(shape))
 
@@ -359,8 +359,8 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, layout="NC
     if param_grads is None:
         param_grads = weight is not None
     n = x.shape[0] * G
-    return _backward(dy, x, dims, _saved(mean, "mean", n, x.dtype),
-                     _saved(invstd, "invstd", n, x.dtype), weight, True, None, param_grads)
+    return _backward(dy, x, dims, _saved(mean, "mean", n),
+                     _saved(invstd, "invstd", n), weight, True, None, param_grads)
 
 
 # --------------------------------------------------------------------- InstanceNorm ----
@@ -419,5 +419,5 @@ def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", para
     if param_grads is None:
         param_grads = weight is not None
     n = x.shape[0] * C
-    return _backward(dy, x, group_view(x, layout, C)[1], _saved(mean, "mean", n, x.dtype),
-                     _saved(invstd, "invstd", n, x.dtype), weight, True, None, param_grads)
+    return _backward(dy, x, group_view(x, layout, C)[1], _saved(mean, "mean", n),
+                     _saved(invstd, "invstd", n), weight, True, None, param_grads)

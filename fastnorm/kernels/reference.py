@@ -77,25 +77,18 @@ def apply_backward(dy, x, dims, mean, invstd, weight, sum_g, sum_gxc, n, center,
 
 
 def backward(dy, x, dims, mean, invstd, weight, center, dx, param_grads):
-    """Closed-form backward of the normalization (see fastnorm.kernels)."""
+    """Closed-form backward of the normalization (see fastnorm.kernels): the per-channel
+    sums of ``grad_sums``, weighted into per-group sums of g = dy * weight, then
+    ``apply_backward``; dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy)."""
     P, M, G, Kc, Ks = dims
-    m = M * Kc * Ks
-    x5 = x.reshape(dims).astype(np.float64)
-    dy5 = dy.reshape(dims).astype(np.float64)
-    mean = mean.reshape(_stats_shape(dims))
-    invstd = invstd.reshape(_stats_shape(dims))
-    xc = x5 - mean
-    g = dy5 if weight is None else dy5 * weight.astype(np.float64).reshape(_param_shape(dims))
-    sum_g_xc = (g * xc).sum(axis=_REDUCE, keepdims=True)
-    grad = g - xc * invstd ** 2 * sum_g_xc / m
-    if center:
-        grad = grad - g.sum(axis=_REDUCE, keepdims=True) / m
+    sdy, sdyxc = (s.reshape(P, G, Kc) for s in grad_sums(dy, x, dims, mean))
     if dx is not None:
-        dx.reshape(dims)[...] = invstd * grad
+        w = 1.0 if weight is None else weight.astype(np.float64).reshape(1, G, Kc)
+        apply_backward(dy, x, dims, mean, invstd, weight, (sdy * w).sum(axis=2),
+                       (sdyxc * w).sum(axis=2), M * Kc * Ks, center, dx)
     if not param_grads:
         return None, None
-    dweight = (dy5 * xc * invstd).sum(axis=(0, 1, 4)).reshape(-1)
-    dbias = dy5.sum(axis=(0, 1, 4)).reshape(-1)
-    return dweight, dbias
+    invstd = np.asarray(invstd, np.float64).reshape(P, G, 1)
+    return (sdyxc * invstd).sum(axis=0).reshape(-1), sdy.sum(axis=0).reshape(-1)
 
 name = "numpy"
