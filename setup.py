@@ -32,7 +32,7 @@ extensions = [
     Extension(
         "fastnorm._ext." + os.path.splitext(os.path.basename(path))[0],
         [path],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), os.path.join("fastnorm", "_ext")],
         extra_compile_args=compile_args + _isa_args(path),
         extra_link_args=["-fopenmp"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

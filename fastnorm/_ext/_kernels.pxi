@@ -41,6 +41,24 @@ def cpu_has_avx2_fma():
     return bool(fastnorm_cpu_has_avx2_fma())
 
 
+cdef extern from "_simd.h" nogil:
+    # float32 inner loops with AVX2+FMA intrinsics in the avx2 build (see _simd.h)
+    void fn_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1, double* s2)
+    void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double a, double b)
+    void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n, double mean,
+                      double* t1, double* t2)
+    void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
+                   double k2, double k3)
+    void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                         const double* shift, double* s1, double* s2)
+    void fn_col_gsums_f32(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t W,
+                          const double* mean, double* sdy, double* sdyxc)
+    void fn_col_apply_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                          const double* alpha, const double* beta, float* y)
+    void fn_col_dx_f32(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t W,
+                       const double* k1, const double* k2, const double* k3, float* dx)
+
+
 cdef struct Sums:
     double a
     double b
@@ -81,7 +99,7 @@ cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowst
                             double shift) noexcept nogil:
     """Sums of d and d*d, d = x - shift, over the item."""
     cdef Sums s
-    cdef double s1 = 0.0, s2 = 0.0, d
+    cdef double s1 = 0.0, s2 = 0.0, d, t1, t2
     cdef Py_ssize_t m, j, ja, jb
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef const floating* xr
@@ -89,10 +107,15 @@ cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowst
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
         xr = x + base + m * rowstride
-        for j in range(ja, jb):
-            d = <double>xr[j] - shift
-            s1 += d
-            s2 += d * d
+        if floating is float:
+            fn_sums_f32(xr + ja, jb - ja, shift, &t1, &t2)
+            s1 += t1
+            s2 += t2
+        else:
+            for j in range(ja, jb):
+                d = <double>xr[j] - shift
+                s1 += d
+                s2 += d * d
     s.a = s1
     s.b = s2
     return s
@@ -102,8 +125,11 @@ cdef inline void _affine(const floating* x, floating* y, Py_ssize_t j0, Py_ssize
                          double a, double b) noexcept nogil:
     """y[j] = x[j] * a + b for j in [j0, j1)."""
     cdef Py_ssize_t j
-    for j in range(j0, j1):
-        y[j] = <floating>(<double>x[j] * a + b)
+    if floating is float:
+        fn_affine_f32(x + j0, y + j0, j1 - j0, a, b)
+    else:
+        for j in range(j0, j1):
+            y[j] = <floating>(<double>x[j] * a + b)
 
 
 cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
@@ -216,10 +242,13 @@ cdef inline Sums _grad_sums_run(const floating* dy, const floating* x, Py_ssize_
     cdef Sums s
     cdef Py_ssize_t j
     cdef double t1 = 0.0, t2 = 0.0, d
-    for j in range(j0, j1):
-        d = <double>dy[j]
-        t1 += d
-        t2 += d * (<double>x[j] - mean)
+    if floating is float:
+        fn_gsums_f32(dy + j0, x + j0, j1 - j0, mean, &t1, &t2)
+    else:
+        for j in range(j0, j1):
+            d = <double>dy[j]
+            t1 += d
+            t2 += d * (<double>x[j] - mean)
     s.a = t1
     s.b = t2
     return s
@@ -301,8 +330,11 @@ cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
                          double k3) noexcept nogil:
     """dx[j] = dy[j] * k1 + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
-    for j in range(j0, j1):
-        dx[j] = <floating>(<double>dy[j] * k1 + <double>x[j] * k2 + k3)
+    if floating is float:
+        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, k1, k2, k3)
+    else:
+        for j in range(j0, j1):
+            dx[j] = <floating>(<double>dy[j] * k1 + <double>x[j] * k2 + k3)
 
 
 cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
@@ -580,6 +612,9 @@ cdef inline void _col_sums_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1
     cdef Py_ssize_t m, w
     cdef const floating* xr
     cdef double d
+    if floating is float:
+        fn_col_sums_f32(x + m0 * W, m1 - m0, W, shift, s1, s2)
+        return
     for w in range(W):
         s1[w] = 0.0
         s2[w] = 0.0
@@ -596,6 +631,9 @@ cdef inline void _col_apply_block(const floating* x, Py_ssize_t m0, Py_ssize_t m
                                   floating* y) noexcept nogil:
     """y[m, w] = x[m, w] * alpha[w] + beta[w] over rows [m0, m1)."""
     cdef Py_ssize_t m, w, off
+    if floating is float:
+        fn_col_apply_f32(x + m0 * W, m1 - m0, W, alpha, beta, y + m0 * W)
+        return
     for m in range(m0, m1):
         off = m * W
         for w in range(W):
@@ -609,6 +647,9 @@ cdef inline void _col_grad_sums_block(const floating* dy, const floating* x,
     """sdy[w] = sum(dy), sdyxc[w] = sum(dy * (x - mean[w])) over rows [m0, m1)."""
     cdef Py_ssize_t m, w, off
     cdef double d
+    if floating is float:
+        fn_col_gsums_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, mean, sdy, sdyxc)
+        return
     for w in range(W):
         sdy[w] = 0.0
         sdyxc[w] = 0.0
@@ -626,6 +667,9 @@ cdef inline void _col_apply_backward_block(const floating* dy, const floating* x
                                            const double* k3, floating* dx) noexcept nogil:
     """dx[m, w] = dy * k1[w] + x * k2[w] + k3[w] over rows [m0, m1)."""
     cdef Py_ssize_t m, w, off
+    if floating is float:
+        fn_col_dx_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, k1, k2, k3, dx + m0 * W)
+        return
     for m in range(m0, m1):
         off = m * W
         for w in range(W):
