@@ -62,10 +62,32 @@ def _invstd(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
-def _forward(x, dims, weight, bias, eps, center, out):
+def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_var=None,
+           momentum=0.1):
+    """The training forward: ``(y, mean, invstd)`` with the statistics flat (P*G values)
+    in x's dtype (mean None without ``center``); running buffers, when given, move
+    towards the statistics averaged over P, the variance unbiased.  Small inputs take the
+    backend's ``train_small`` (one call on the calling thread) when it has one."""
     y = _checks.out(out, x.shape, x.dtype)
-    mean, var = get_kernels().forward(x, dims, weight, bias, eps, center, y)
-    return y, mean, var
+    P, M, G, Kc, Ks = dims
+    k = get_kernels()
+    small = getattr(k, "train_small", None)
+    if small is not None:
+        mean = np.empty(P * G, x.dtype) if center else None
+        invstd = np.empty(P * G, x.dtype)
+        rm, rv = _contiguous(running_mean), _contiguous(running_var)
+        if small(x, dims, weight, bias, eps, center, y, mean, invstd, rm, rv, momentum):
+            if rm is not running_mean:  # a strided view: updated through a copy
+                running_mean[...] = rm
+            if rv is not running_var:
+                running_var[...] = rv
+            return y, mean, invstd
+    mean, var = k.forward(x, dims, weight, bias, eps, center, y)
+    if running_mean is not None or running_var is not None:
+        shape = (G,) if P == 1 else (P, G)
+        _update_running(running_mean, running_var, mean.reshape(shape), var.reshape(shape),
+                        M * Kc * Ks, momentum)
+    return y, (mean.astype(x.dtype) if center else None), _invstd(var, eps).astype(x.dtype)
 
 
 def _apply(x, dims, mean, invstd, weight, bias, out):
@@ -81,18 +103,43 @@ def _backward(dy, x, dims, mean, invstd, weight, center, out, param_grads):
     if dy.dtype != x.dtype:
         dy = dy.astype(x.dtype)
     dx = _checks.out(out, x.shape, x.dtype)
-    dw, db = get_kernels().backward(dy, x, dims, mean, invstd, weight, center, dx, param_grads)
+    k = get_kernels()
+    small = getattr(k, "backward_small", None)
+    if small is not None:
+        nw = dims[2] * dims[3]
+        dw = np.empty(nw, x.dtype) if param_grads else None
+        db = np.empty(nw, x.dtype) if param_grads else None
+        if small(dy, x, dims, mean, invstd, weight, center, dx, dw, db):
+            return dx, dw, db
+    mean = np.zeros(invstd.size) if mean is None else _stat64(mean)
+    invstd = _stat64(invstd)
+    dw, db = k.backward(dy, x, dims, mean, invstd, weight, center, dx, param_grads)
     if not param_grads:
         return dx, None, None
     return dx, dw.astype(x.dtype), db.astype(x.dtype)
 
 
 def _saved(a, name, n):
-    """A saved statistic (mean/invstd) as a flat float64 array of n values."""
+    """A saved statistic (mean/invstd) of n values: returned as is when it is a
+    C-contiguous float array (the kernels read either dtype), else as float64."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
     if a.size != n:
         raise ValueError(f"{name}: expected {n} values, got shape {a.shape}")
+    if a.dtype not in _checks.FLOAT_DTYPES or not a.flags.c_contiguous:
+        return np.ascontiguousarray(a, np.float64)
+    return a
+
+
+def _contiguous(buffer):
+    """A running buffer the kernels can update in place: itself when None or
+    C-contiguous, else a contiguous copy."""
+    if buffer is None or buffer.flags.c_contiguous:
+        return buffer
+    return np.ascontiguousarray(buffer)
+
+
+def _stat64(a):
     return np.ascontiguousarray(a, np.float64).reshape(-1)
 
 
@@ -109,8 +156,8 @@ def _check_running(running_mean, running_var, C, momentum):
 
 def _update_running(running_mean, running_var, mean, var, n, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the variance unbiased
-    by n/(n-1).  ``mean``/``var`` are float64, (C,) or (N, C): rows of per-sample statistics
-    (InstanceNorm) are averaged, as PyTorch does."""
+    by n/(n-1).  ``mean``/``var`` are float64, (C,) or (P, C): rows of per-sample
+    statistics (InstanceNorm) are averaged, as PyTorch does."""
     with np.errstate(divide="ignore", invalid="ignore"):
         unbiased = var * (n / (n - 1)) if n > 1 else np.full_like(var, np.nan)
     if mean.ndim == 2:
@@ -164,12 +211,9 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=Non
     eps = _checks.eps(eps)
     momentum = _check_running(running_mean, running_var, C, momentum)
     C, dims = channel_view(x, layout)
-    n = x.size // C
-    if n == 1:
+    if x.size == C:
         raise _one_value_error(x)
-    y, mean, var = _forward(x, dims, weight, bias, eps, True, out)
-    _update_running(running_mean, running_var, mean, var, n, momentum)
-    return y, mean.astype(x.dtype), _invstd(var, eps).astype(x.dtype)
+    return _train(x, dims, weight, bias, eps, True, out, running_mean, running_var, momentum)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=None, *,
@@ -194,8 +238,8 @@ def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=
     (the folded inference transform y = a*x + b, a = weight*invstd, b = bias - mean*a)."""
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     C, dims = channel_view(x, layout)
-    return _apply(x, dims, _saved(mean, "mean", C), _saved(invstd, "invstd", C),
-                  weight, bias, out)
+    return _apply(x, dims, _stat64(_saved(mean, "mean", C)),
+                  _stat64(_saved(invstd, "invstd", C)), weight, bias, out)
 
 
 def batch_norm_eval_fast(x, mean, invstd, weight, bias, layout):
@@ -264,9 +308,9 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     one statistic per row (shape ``x.shape[:-len(normalized_shape)]``)."""
     x, shape, dims, weight, bias = _row_prepare(x, normalized_shape, weight, bias)
     eps = _checks.eps(eps)
-    y, mean, var = _forward(x, dims, _flat(weight), _flat(bias), eps, True, None)
+    y, mean, invstd = _train(x, dims, _flat(weight), _flat(bias), eps, True, None)
     lead = x.shape[:x.ndim - len(shape)]
-    return y, mean.astype(x.dtype).reshape(lead), _invstd(var, eps).astype(x.dtype).reshape(lead)
+    return y, mean.reshape(lead), invstd.reshape(lead)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -303,9 +347,8 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     ``normalized_shape`` (eps=None: ``np.finfo(dtype).eps``); returns ``(y, invrms)``."""
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     eps = _rms_eps(eps, x.dtype)
-    y, _, ms = _forward(x, dims, _flat(weight), None, eps, False, None)
-    lead = x.shape[:x.ndim - len(shape)]
-    return y, _invstd(ms, eps).astype(x.dtype).reshape(lead)
+    y, _, invrms = _train(x, dims, _flat(weight), None, eps, False, None)
+    return y, invrms.reshape(x.shape[:x.ndim - len(shape)])
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
@@ -318,7 +361,7 @@ def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None):
     dx = invrms * (g - x * invrms^2 * sum(g * x)/K), g = dy * weight."""
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     R = dims[0]
-    dx, dw, _ = _backward(dy, x, dims, np.zeros(R), _saved(invrms, "invrms", R),
+    dx, dw, _ = _backward(dy, x, dims, None, _saved(invrms, "invrms", R),
                           _flat(weight), False, None, weight is not None)
     return dx, (None if dw is None else dw.reshape(shape))
 
@@ -342,9 +385,9 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NC
     affine; returns ``(y, mean, invstd)`` with statistics of shape (N, num_groups)."""
     x, layout, G, dims, weight, bias = _group_prepare(x, num_groups, weight, bias, layout)
     eps = _checks.eps(eps)
-    y, mean, var = _forward(x, dims, weight, bias, eps, True, None)
+    y, mean, invstd = _train(x, dims, weight, bias, eps, True, None)
     N = x.shape[0]
-    return y, mean.astype(x.dtype).reshape(N, G), _invstd(var, eps).astype(x.dtype).reshape(N, G)
+    return y, mean.reshape(N, G), invstd.reshape(N, G)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
@@ -382,11 +425,10 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", *,
     eps = _checks.eps(eps)
     momentum = _check_running(running_mean, running_var, C, momentum)
     _check_spatial(x, layout)
-    y, mean, var = _forward(x, group_view(x, layout, C)[1], weight, bias, eps, True, None)
+    y, mean, invstd = _train(x, group_view(x, layout, C)[1], weight, bias, eps, True, None,
+                             running_mean, running_var, momentum)
     N = x.shape[0]
-    mean, var = mean.reshape(N, C), var.reshape(N, C)
-    _update_running(running_mean, running_var, mean, var, x.size // (N * C), momentum)
-    return y, mean.astype(x.dtype), _invstd(var, eps).astype(x.dtype)
+    return y, mean.reshape(N, C), invstd.reshape(N, C)
 
 
 def _check_spatial(x, layout):

@@ -185,10 +185,10 @@ THREAD_SHAPES = [
     # (norm, layout, shape, groups, kernels the driver must call for it)
     ("batch_norm", "NCHW", (2, 1, 70000), None, {"seg_sums", "seg_grad_sums"}),
     ("batch_norm", "NCHW", (3, 4, 40000), None, {"seg_sums", "seg_grad_sums"}),
-    ("batch_norm", "NCHW", (16, 32, 12, 12), None, {"seg_forward", "seg_backward"}),
+    ("batch_norm", "NCHW", (16, 32, 16, 16), None, {"seg_forward", "seg_backward"}),
     ("batch_norm", "NHWC", (64, 8, 8, 32), None, {"col_sums", "col_grad_sums"}),
     ("layer_norm", "last1", (1, 1 << 18), None, {"seg_sums", "seg_grad_sums"}),
-    ("layer_norm", "last1", (64, 768), None, {"seg_forward", "row_param_grads"}),
+    ("layer_norm", "last1", (192, 768), None, {"seg_forward", "row_param_grads"}),
     ("rms_norm", "last1", (2, 1 << 17), None, {"seg_sums", "seg_grad_sums"}),
     ("group_norm", "NCHW", (1, 4, 1 << 15), 2, {"seg_sums", "seg_grad_sums"}),
     ("group_norm", "NHWC", (4, 48, 48, 16), 4, {"col_sums", "col_grad_sums"}),
@@ -565,3 +565,57 @@ def test_random_shapes_match_reference(backend, norm, data):
         assert_close(s, s_ref, rtol, "saved")
     for name in ("input", "weight", "bias"):
         assert_close(g[name], g_ref[name], rtol, name, floor=1.0)
+
+
+# ------------------------------------------------------------- small-input path ----
+SMALL_CASES = [  # (norm, layout, shape, groups): every view shape the small path has
+    ("batch_norm", "NCHW", (5, 6, 7, 3), None), ("batch_norm", "NHWC", (5, 7, 3, 6), None),
+    ("batch_norm", "NCHW", (33, 20), None), ("batch_norm", "NHWC", (4, 9, 37), None),
+    ("instance_norm", "NCHW", (3, 5, 6, 7), None), ("instance_norm", "NHWC", (3, 6, 7, 5), None),
+    ("group_norm", "NCHW", (3, 6, 5, 7), 3), ("group_norm", "NHWC", (3, 5, 7, 12), 4),
+    ("layer_norm", "last1", (7, 37), None), ("layer_norm", "last2", (3, 5, 4, 9), None),
+    ("rms_norm", "last1", (7, 37), None), ("rms_norm", "last2", (3, 5, 4, 9), None),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", ["none", "full"])
+@pytest.mark.parametrize("norm,layout,shape,groups", SMALL_CASES,
+                         ids=[f"{n}-{lay}-{'x'.join(map(str, s))}"
+                              for n, lay, s, _ in SMALL_CASES])
+def test_small_path_matches_parallel_kernels(norm, layout, shape, groups, affine, dtype,
+                                             monkeypatch):
+    """Below PARALLEL_MIN_ELEMENTS the Cython backend runs whole passes in one call
+    (forward_small/backward_small); forced off, the same input takes the parallel
+    kernels and NumPy glue: both agree, running buffers included."""
+    if "cython" not in COMPILED:
+        pytest.skip("the Cython backend is not built")
+    case = case_for(norm, "cython", layout, dtype=dtype, affine=affine, shape=shape,
+                    groups=groups, running=SPECS[norm].has_running)
+    spec = case.spec
+    x, p = case.inputs()
+    x = x * 3 + 50  # a mean far from 0: the shifted sums matter
+    dy = case.rng("dy").standard_normal(shape).astype(dtype)
+    backend = get_kernels("cython")
+    recorder = _Recorder(backend.k)
+    monkeypatch.setattr(backend, "k", recorder)
+    results = []
+    for small in (True, False):
+        monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1 << 17 if small else 0)
+        params = {k: (None if v is None else v.copy()) for k, v in p.items()}
+        with fn.use_backend("cython"):
+            y, saved = spec.train(x, params, case)
+            spec.forward(x, params, case, training=True)  # updates the running buffers
+            g = spec.backward(dy, x, saved, params, case)
+        results.append((y, saved, g, params))
+    assert recorder.called & {"seg_forward", "seg_sums", "col_sums"}, recorder.called
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    (y1, s1, g1, p1), (y2, s2, g2, p2) = results
+    assert_close(y1, y2, tol, "y")
+    for a, b in zip(s1, s2):
+        assert a.dtype == b.dtype == np.dtype(dtype)
+        assert_close(a, b, tol, "saved statistics")
+    for name in ("input", "weight", "bias"):
+        assert_close(g1[name], g2[name], tol, name)
+    for name in ("running_mean", "running_var"):
+        assert_close(p1[name], p2[name], tol, name)

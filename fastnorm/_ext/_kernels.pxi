@@ -3,7 +3,7 @@
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport sqrt, NAN
 
 cdef extern from *:
     """
@@ -49,6 +49,11 @@ cdef extern from "_simd.h" nogil:
                       double* t1, double* t2)
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
                    double k2, double k3)
+    double fn_muladd_rounded(double a, double b, double c)
+    void fn_runs_sums_f32(const float* x, Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
+                          double shift, double* s1, double* s2)
+    void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t rowstride,
+                           Py_ssize_t L, Py_ssize_t M, double mean, double* t1, double* t2)
     void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
                          const double* shift, double* s1, double* s2)
     void fn_col_gsums_f32(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t W,
@@ -103,6 +108,11 @@ cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowst
     cdef Py_ssize_t m, j, ja, jb
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef const floating* xr
+    if floating is float:
+        if f0 % L == 0 and f1 % L == 0:  # whole runs: accumulators kept across them
+            fn_runs_sums_f32(x + base + m0 * rowstride, rowstride, L, m1 + 1 - m0, shift,
+                             &s.a, &s.b)
+            return s
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
@@ -211,6 +221,17 @@ cdef inline Sums _item_grad_sums(const floating* dy, const floating* x, Py_ssize
     cdef const floating* w = weight + wofs if weight != NULL else NULL
     cdef double* sd = sdy + sofs if want else NULL
     cdef double* sx = sdyxc + sofs if want else NULL
+    if floating is float:
+        if L == Ks and f0 % L == 0 and f1 % L == 0:  # one channel, whole runs
+            fn_runs_gsums_f32(dy + base + m0 * rowstride, x + base + m0 * rowstride,
+                              rowstride, L, m1 + 1 - m0, mean, &t.a, &t.b)
+            wk = <double>w[0] if w != NULL else 1.0
+            if want:
+                sd[0] += t.a
+                sx[0] += t.b
+            s.a = wk * t.a
+            s.b = wk * t.b
+            return s
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
@@ -614,16 +635,16 @@ cdef inline void _col_sums_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1
     cdef double d
     if floating is float:
         fn_col_sums_f32(x + m0 * W, m1 - m0, W, shift, s1, s2)
-        return
-    for w in range(W):
-        s1[w] = 0.0
-        s2[w] = 0.0
-    for m in range(m0, m1):
-        xr = x + m * W
+    else:
         for w in range(W):
-            d = <double>xr[w] - shift[w]
-            s1[w] += d
-            s2[w] += d * d
+            s1[w] = 0.0
+            s2[w] = 0.0
+        for m in range(m0, m1):
+            xr = x + m * W
+            for w in range(W):
+                d = <double>xr[w] - shift[w]
+                s1[w] += d
+                s2[w] += d * d
 
 
 cdef inline void _col_apply_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1,
@@ -633,11 +654,11 @@ cdef inline void _col_apply_block(const floating* x, Py_ssize_t m0, Py_ssize_t m
     cdef Py_ssize_t m, w, off
     if floating is float:
         fn_col_apply_f32(x + m0 * W, m1 - m0, W, alpha, beta, y + m0 * W)
-        return
-    for m in range(m0, m1):
-        off = m * W
-        for w in range(W):
-            y[off + w] = <floating>(<double>x[off + w] * alpha[w] + beta[w])
+    else:
+        for m in range(m0, m1):
+            off = m * W
+            for w in range(W):
+                y[off + w] = <floating>(<double>x[off + w] * alpha[w] + beta[w])
 
 
 cdef inline void _col_grad_sums_block(const floating* dy, const floating* x,
@@ -649,16 +670,16 @@ cdef inline void _col_grad_sums_block(const floating* dy, const floating* x,
     cdef double d
     if floating is float:
         fn_col_gsums_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, mean, sdy, sdyxc)
-        return
-    for w in range(W):
-        sdy[w] = 0.0
-        sdyxc[w] = 0.0
-    for m in range(m0, m1):
-        off = m * W
+    else:
         for w in range(W):
-            d = <double>dy[off + w]
-            sdy[w] += d
-            sdyxc[w] += d * (<double>x[off + w] - mean[w])
+            sdy[w] = 0.0
+            sdyxc[w] = 0.0
+        for m in range(m0, m1):
+            off = m * W
+            for w in range(W):
+                d = <double>dy[off + w]
+                sdy[w] += d
+                sdyxc[w] += d * (<double>x[off + w] - mean[w])
 
 
 cdef inline void _col_apply_backward_block(const floating* dy, const floating* x,
@@ -669,12 +690,12 @@ cdef inline void _col_apply_backward_block(const floating* dy, const floating* x
     cdef Py_ssize_t m, w, off
     if floating is float:
         fn_col_dx_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, k1, k2, k3, dx + m0 * W)
-        return
-    for m in range(m0, m1):
-        off = m * W
-        for w in range(W):
-            dx[off + w] = <floating>(<double>dy[off + w] * k1[w]
-                                     + <double>x[off + w] * k2[w] + k3[w])
+    else:
+        for m in range(m0, m1):
+            off = m * W
+            for w in range(W):
+                dx[off + w] = <floating>(<double>dy[off + w] * k1[w]
+                                         + <double>x[off + w] * k2[w] + k3[w])
 
 
 def col_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
@@ -904,3 +925,298 @@ def seg_apply_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
         else:
             _seg_apply_serial(<const double*>xp, <double*>yp, P, M, G, Kc, Ks, mp, rp,
                               <const double*>wp, <const double*>bp)
+
+
+# ----------------------------------------------------------------------------------------
+# Whole passes for small inputs on the calling thread: the training forward (statistics,
+# y, saved statistics in the caller's dtype, running buffers) and the backward (dx and
+# the parameter gradients) in one call each, for both kernel shapes.  The driver takes
+# these below PARALLEL_MIN_ELEMENTS, where the NumPy glue around the parallel kernels
+# (moments, coefficients, merges: a dozen small array operations) cost more than the
+# arithmetic.  Same per-group arithmetic as the parallel kernels; the column shape sums
+# all rows as one block.
+# ----------------------------------------------------------------------------------------
+from libc.stdlib cimport malloc, free
+
+
+cdef inline const void* _float_ptr(object a, Py_ssize_t needed, str name, bint optional,
+                                   bint writable, int* typenum) except? NULL:
+    """``_small_ptr`` for an ndarray of either float dtype; its type in ``typenum``
+    (-1 for an absent optional argument)."""
+    typenum[0] = -1
+    if a is None and optional:
+        return NULL
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
+    typenum[0] = t
+    return _small_ptr(a, t, needed, name, optional, writable)
+
+
+cdef inline double _load(const void* p, int t, Py_ssize_t i) noexcept nogil:
+    if t == cnp.NPY_FLOAT32:
+        return (<const float*>p)[i]
+    return (<const double*>p)[i]
+
+
+cdef inline void _store(void* p, int t, Py_ssize_t i, double v) noexcept nogil:
+    if t == cnp.NPY_FLOAT32:
+        (<float*>p)[i] = <float>v
+    else:
+        (<double*>p)[i] = v
+
+
+cdef inline void _blend(void* buf, int t, Py_ssize_t i, double momentum,
+                        double value) noexcept nogil:
+    """buf[i] = (1 - momentum) * buf[i] + momentum * value with NumPy's rounding for the
+    expression on a float32 buffer (the first product in float32, the sum in double)."""
+    cdef float keep
+    if t == cnp.NPY_FLOAT32:
+        keep = <float>(1.0 - momentum) * (<float*>buf)[i]
+        (<float*>buf)[i] = <float>fn_muladd_rounded(momentum, value, <double>keep)
+    else:
+        (<double*>buf)[i] = fn_muladd_rounded(momentum, value,
+                                              (1.0 - momentum) * (<double*>buf)[i])
+
+
+cdef int _forward_serial(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
+                         Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, const floating* wp,
+                         const floating* bp, double eps, bint center, double* mean,
+                         double* var) noexcept nogil:
+    """Statistics per group into mean/var and y; -1 when out of memory."""
+    cdef Py_ssize_t W = G * Kc
+    cdef Py_ssize_t n = M * Kc
+    cdef Py_ssize_t p, g, kc, c, u
+    cdef double S1, S2, d, v, mu, r, a, b
+    cdef double* work
+    cdef const floating* xb
+    if not (Ks == 1 and M > 1):  # segments
+        for u in range(P * G):
+            _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
+        return 0
+    work = <double*>malloc(5 * W * sizeof(double))  # columns: shift, s1, s2, alpha, beta
+    if work == NULL:
+        return -1
+    for p in range(P):
+        xb = xp + p * M * W
+        for c in range(W):  # each group's first value (row 0, its first channel)
+            work[c] = <double>xb[(c // Kc) * Kc] if center else 0.0
+        _col_sums_block(xb, 0, M, W, work, work + W, work + 2 * W)
+        for g in range(G):
+            S1 = 0.0
+            S2 = 0.0
+            for kc in range(Kc):
+                S1 += work[W + g * Kc + kc]
+                S2 += work[2 * W + g * Kc + kc]
+            if center:
+                d = S1 / n
+                v = S2 / n - d * d
+                if v < 0.0:  # not max(): NaN must stay NaN
+                    v = 0.0
+                mu = d + work[g * Kc]
+            else:
+                mu = 0.0
+                v = S2 / n
+            u = p * G + g
+            mean[u] = mu
+            var[u] = v
+            r = 1.0 / sqrt(v + eps)
+            for kc in range(Kc):
+                c = g * Kc + kc
+                a = r * <double>wp[c] if wp != NULL else r
+                b = -mu * a
+                if bp != NULL:
+                    b = b + <double>bp[c]
+                work[3 * W + c] = a
+                work[4 * W + c] = b
+        _col_apply_block(xb, 0, M, W, work + 3 * W, work + 4 * W, yp + p * M * W)
+    free(work)
+    return 0
+
+
+def forward_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                  Py_ssize_t Ks, weight, bias, double eps, bint center, y, mean_out,
+                  invstd_out, running_mean, running_var, double momentum):
+    """The training forward on the calling thread (GIL released): y; the saved mean and
+    invstd = 1/sqrt(var + eps) per group into mean_out/invstd_out (P*G values, either
+    float dtype; mean_out may be None); running buffers (G values, None to skip) moved
+    towards the statistics averaged over p, the variance unbiased by n/(n-1)."""
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1:
+        raise ValueError("expected positive dimensions")
+    cdef Py_ssize_t total = P * M * G * Kc * Ks
+    cdef Py_ssize_t PG = P * G
+    cdef int tm, ti, trm, trv, rc = 0
+    cdef const void* xp = _small_ptr(x, t, total, "x", False, False)
+    cdef void* yp = <void*>_small_ptr(y, t, total, "y", False, True)
+    cdef const void* wp = _small_ptr(weight, t, G * Kc, "weight", True, False)
+    cdef const void* bp = _small_ptr(bias, t, G * Kc, "bias", True, False)
+    cdef void* mo = <void*>_float_ptr(mean_out, PG, "mean_out", True, True, &tm)
+    cdef void* io = <void*>_float_ptr(invstd_out, PG, "invstd_out", False, True, &ti)
+    cdef void* rm = <void*>_float_ptr(running_mean, G, "running_mean", True, True, &trm)
+    cdef void* rv = <void*>_float_ptr(running_var, G, "running_var", True, True, &trv)
+    cdef double* st = <double*>malloc(2 * PG * sizeof(double))
+    if st == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t u, g, p
+    cdef double n = <double>(M * Kc * Ks)
+    cdef double sm, sv
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            rc = _forward_serial(<const float*>xp, <float*>yp, P, M, G, Kc, Ks,
+                                 <const float*>wp, <const float*>bp, eps, center, st,
+                                 st + PG)
+        else:
+            rc = _forward_serial(<const double*>xp, <double*>yp, P, M, G, Kc, Ks,
+                                 <const double*>wp, <const double*>bp, eps, center, st,
+                                 st + PG)
+        if rc == 0:
+            for u in range(PG):
+                if mo != NULL:
+                    _store(mo, tm, u, st[u])
+                _store(io, ti, u, 1.0 / sqrt(st[PG + u] + eps))
+            for g in range(G):
+                sm = 0.0
+                sv = 0.0
+                for p in range(P):
+                    sm += st[p * G + g]
+                    sv = fn_muladd_rounded(st[PG + p * G + g], n / (n - 1.0), sv) \
+                        if n > 1 else NAN
+                if rm != NULL:
+                    _blend(rm, trm, g, momentum, sm / P)
+                if rv != NULL:
+                    _blend(rv, trv, g, momentum, sv / P)
+    free(st)
+    if rc != 0:
+        raise MemoryError()
+
+
+cdef int _backward_serial(const floating* dyp, const floating* xp, floating* dxp,
+                          Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                          Py_ssize_t Ks, const double* mean, const double* invstd,
+                          const floating* wp, bint center, double* dw,
+                          double* db) noexcept nogil:
+    """dx, and with dw/db (not NULL) the parameter gradients; -1 when out of memory."""
+    cdef Py_ssize_t W = G * Kc
+    cdef Py_ssize_t n = M * Kc * Ks
+    cdef Py_ssize_t p, g, kc, c, u
+    cdef double A, B, r, mu, wk, k2, k3
+    cdef double* work
+    cdef bint want = dw != NULL
+    if Ks == 1 and M == 1 and G == 1:  # rows (LayerNorm, RMSNorm): a parameter per value
+        for u in range(P):
+            _group_backward(dyp, xp, u, 1, 1, Kc, 1, mean, invstd, wp, center, dxp, NULL,
+                            NULL, False)
+        if want:
+            _row_param_grads_block(dyp, xp, 0, P, Kc, 0, Kc, mean, invstd, dw, db)
+        return 0
+    work = <double*>malloc(6 * W * sizeof(double) + 2 * P * W * sizeof(double))
+    if work == NULL:
+        return -1
+    if want:
+        for c in range(W):
+            dw[c] = 0.0
+            db[c] = 0.0
+    if not (Ks == 1 and M > 1):  # segments: per-channel sums into work (P*W each)
+        for u in range(P * G):
+            _group_backward(dyp, xp, u, M, G, Kc, Ks, mean, invstd, wp, center, dxp, work,
+                            work + P * W, want)
+        if want:
+            for u in range(P * G):
+                for kc in range(Kc):
+                    c = (u % G) * Kc + kc
+                    dw[c] += work[P * W + u * Kc + kc] * invstd[u]
+                    db[c] += work[u * Kc + kc]
+        free(work)
+        return 0
+    for p in range(P):  # columns: sdy, sdyxc, mean per column, k1, k2, k3
+        for c in range(W):
+            work[2 * W + c] = mean[p * G + c // Kc]
+        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, 0, M, W, work + 2 * W, work,
+                             work + W)
+        for g in range(G):
+            u = p * G + g
+            A = 0.0
+            B = 0.0
+            for kc in range(Kc):
+                c = g * Kc + kc
+                wk = <double>wp[c] if wp != NULL else 1.0
+                A += wk * work[c]
+                B += wk * work[W + c]
+            if not center:
+                A = 0.0
+            r = invstd[u]
+            mu = mean[u]
+            k2 = -r * r * r * B / n
+            k3 = r * (mu * r * r * B / n - A / n)
+            for kc in range(Kc):
+                c = g * Kc + kc
+                work[3 * W + c] = r * <double>wp[c] if wp != NULL else r
+                work[4 * W + c] = k2
+                work[5 * W + c] = k3
+                if want:
+                    dw[c] += work[W + c] * r
+                    db[c] += work[c]
+        _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, 0, M, W, work + 3 * W,
+                                  work + 4 * W, work + 5 * W, dxp + p * M * W)
+    free(work)
+    return 0
+
+
+def backward_small(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                   Py_ssize_t Ks, mean, invstd, weight, bint center, dx, dweight, dbias):
+    """The backward on the calling thread (GIL released): dx, and the parameter
+    gradients into dweight/dbias (G*Kc values, either float dtype, both or neither
+    None).  mean (None: zeros) and invstd are the saved statistics, P*G values of either
+    float dtype."""
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1:
+        raise ValueError("expected positive dimensions")
+    if (dweight is None) != (dbias is None):
+        raise ValueError("dweight, dbias: expected both or neither")
+    cdef Py_ssize_t total = P * M * G * Kc * Ks
+    cdef Py_ssize_t PG = P * G
+    cdef Py_ssize_t W = G * Kc
+    cdef int tm, ti, tw, tb, rc = 0
+    cdef const void* dyp = _small_ptr(dy, t, total, "dy", False, False)
+    cdef const void* xp = _small_ptr(x, t, total, "x", False, False)
+    cdef void* dxp = <void*>_small_ptr(dx, t, total, "dx", False, True)
+    cdef const void* wp = _small_ptr(weight, t, W, "weight", True, False)
+    cdef const void* mp = _float_ptr(mean, PG, "mean", True, False, &tm)
+    cdef const void* ip = _float_ptr(invstd, PG, "invstd", False, False, &ti)
+    cdef void* dwp = <void*>_float_ptr(dweight, W, "dweight", True, True, &tw)
+    cdef void* dbp = <void*>_float_ptr(dbias, W, "dbias", True, True, &tb)
+    cdef double* st = <double*>malloc((2 * PG + 2 * W) * sizeof(double))
+    if st == NULL:
+        raise MemoryError()
+    cdef double* gw = st + 2 * PG if dwp != NULL else NULL
+    cdef Py_ssize_t u, c
+    with nogil:
+        for u in range(PG):
+            st[u] = _load(mp, tm, u) if mp != NULL else 0.0
+            st[PG + u] = _load(ip, ti, u)
+        if t == cnp.NPY_FLOAT32:
+            rc = _backward_serial(<const float*>dyp, <const float*>xp, <float*>dxp, P, M, G,
+                                  Kc, Ks, st, st + PG, <const float*>wp, center, gw,
+                                  st + 2 * PG + W)
+        else:
+            rc = _backward_serial(<const double*>dyp, <const double*>xp, <double*>dxp, P, M,
+                                  G, Kc, Ks, st, st + PG, <const double*>wp, center, gw,
+                                  st + 2 * PG + W)
+        if rc == 0 and dwp != NULL:
+            for c in range(W):
+                _store(dwp, tw, c, gw[c])
+                _store(dbp, tb, c, gw[W + c])
+    free(st)
+    if rc != 0:
+        raise MemoryError()

@@ -313,4 +313,102 @@ static inline void fn_col_dx_f32(const float* dy, const float* x, Py_ssize_t row
     }
 }
 
+/* The same two sums over a whole group of M runs of L values (run m at x + m*rowstride):
+ * the vector accumulators live across the runs, so short runs (8x8 images) do not pay a
+ * horizontal sum each.  Per run: steps of 4 vectors, one vector, then single values. */
+static inline void fn_runs_sums_f32(const float* x, Py_ssize_t rowstride, Py_ssize_t L,
+                                    Py_ssize_t M, double shift, double* s1, double* s2) {
+    double a = 0.0, b = 0.0, d;
+    Py_ssize_t m, j;
+#if FN_SIMD
+    fn_vd vs = FN_SET1(shift), z = FN_ZERO();
+    fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
+#endif
+    for (m = 0; m < M; m++) {
+        const float* r = x + m * rowstride;
+        j = 0;
+#if FN_SIMD
+        for (; j + 4 * FN_VW <= L; j += 4 * FN_VW) {
+            fn_vd d0 = FN_SUB(FN_LD(r + j), vs);
+            fn_vd d1 = FN_SUB(FN_LD(r + j + FN_VW), vs);
+            fn_vd d2 = FN_SUB(FN_LD(r + j + 2 * FN_VW), vs);
+            fn_vd d3 = FN_SUB(FN_LD(r + j + 3 * FN_VW), vs);
+            a0 = FN_ADD(a0, d0); a1 = FN_ADD(a1, d1);
+            a2 = FN_ADD(a2, d2); a3 = FN_ADD(a3, d3);
+            b0 = FN_FMA(d0, d0, b0); b1 = FN_FMA(d1, d1, b1);
+            b2 = FN_FMA(d2, d2, b2); b3 = FN_FMA(d3, d3, b3);
+        }
+        for (; j + FN_VW <= L; j += FN_VW) {
+            fn_vd d0 = FN_SUB(FN_LD(r + j), vs);
+            a0 = FN_ADD(a0, d0);
+            b0 = FN_FMA(d0, d0, b0);
+        }
+#endif
+        for (; j < L; j++) {
+            d = (double)r[j] - shift;
+            a += d;
+            b += d * d;
+        }
+    }
+#if FN_SIMD
+    a += fn_hsum(a0, a1, a2, a3);
+    b += fn_hsum(b0, b1, b2, b3);
+#endif
+    *s1 = a;
+    *s2 = b;
+}
+
+/* fn_gsums_f32 over a whole group of M runs (see fn_runs_sums_f32). */
+static inline void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t rowstride,
+                                     Py_ssize_t L, Py_ssize_t M, double mean, double* t1,
+                                     double* t2) {
+    double a = 0.0, b = 0.0, d;
+    Py_ssize_t m, j;
+#if FN_SIMD
+    fn_vd vm = FN_SET1(mean), z = FN_ZERO();
+    fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
+#endif
+    for (m = 0; m < M; m++) {
+        const float* g = dy + m * rowstride;
+        const float* r = x + m * rowstride;
+        j = 0;
+#if FN_SIMD
+        for (; j + 4 * FN_VW <= L; j += 4 * FN_VW) {
+            fn_vd g0 = FN_LD(g + j), g1 = FN_LD(g + j + FN_VW);
+            fn_vd g2 = FN_LD(g + j + 2 * FN_VW), g3 = FN_LD(g + j + 3 * FN_VW);
+            a0 = FN_ADD(a0, g0); a1 = FN_ADD(a1, g1);
+            a2 = FN_ADD(a2, g2); a3 = FN_ADD(a3, g3);
+            b0 = FN_FMA(g0, FN_SUB(FN_LD(r + j), vm), b0);
+            b1 = FN_FMA(g1, FN_SUB(FN_LD(r + j + FN_VW), vm), b1);
+            b2 = FN_FMA(g2, FN_SUB(FN_LD(r + j + 2 * FN_VW), vm), b2);
+            b3 = FN_FMA(g3, FN_SUB(FN_LD(r + j + 3 * FN_VW), vm), b3);
+        }
+        for (; j + FN_VW <= L; j += FN_VW) {
+            fn_vd g0 = FN_LD(g + j);
+            a0 = FN_ADD(a0, g0);
+            b0 = FN_FMA(g0, FN_SUB(FN_LD(r + j), vm), b0);
+        }
+#endif
+        for (; j < L; j++) {
+            d = (double)g[j];
+            a += d;
+            b += d * ((double)r[j] - mean);
+        }
+    }
+#if FN_SIMD
+    a += fn_hsum(a0, a1, a2, a3);
+    b += fn_hsum(b0, b1, b2, b3);
+#endif
+    *t1 = a;
+    *t2 = b;
+}
+
+/* a * b + c with the product rounded first, as NumPy evaluates it: never contracted
+ * into one FMA (the avx2 build allows contraction elsewhere).  For the running-buffer
+ * updates, which must match the NumPy path bit for bit. */
+__attribute__((optimize("fp-contract=off")))
+static double fn_muladd_rounded(double a, double b, double c) {
+    return a * b + c;
+}
+
 #endif

@@ -34,6 +34,9 @@ class CompiledBackend:
         self.k = kernels
         # ndarray-argument twin of seg_apply in the Cython modules (see apply_small)
         self._seg_apply_small = getattr(kernels, "seg_apply_small", None)
+        # whole passes on the calling thread (Cython modules; see train_small)
+        self._forward_small = getattr(kernels, "forward_small", None)
+        self._backward_small = getattr(kernels, "backward_small", None)
 
     # -- helpers -------------------------------------------------------------------------
     def _threads(self, size):
@@ -143,6 +146,34 @@ class CompiledBackend:
         if small is None or (Ks == 1 and M > 1) or x.size >= _config.PARALLEL_MIN_ELEMENTS:
             return self.apply(x, dims, mean, invstd, weight, bias, y)
         small(x, P, M, G, Kc, Ks, mean, invstd, weight, bias, y)
+
+    def train_small(self, x, dims, weight, bias, eps, center, y, mean, invstd,
+                    running_mean, running_var, momentum):
+        """The whole training forward of a small input in one call on the calling thread
+        (``forward_small``): y, the saved statistics into ``mean`` (None without center)
+        and ``invstd`` (flat, P*G values, any float dtype), running buffers moved towards
+        the statistics averaged over P.  Returns False, having done nothing, when the
+        input is not small or the kernel module has no such call (Numba): below
+        PARALLEL_MIN_ELEMENTS the NumPy glue of ``forward`` costs more than its
+        arithmetic (a (32, 16, 8, 8) BatchNorm: ~20 us of 30)."""
+        if self._forward_small is None or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+            return False
+        P, M, G, Kc, Ks = dims
+        self._forward_small(x, P, M, G, Kc, Ks, weight, bias, eps, center, y, mean, invstd,
+                            running_mean, running_var, momentum)
+        return True
+
+    def backward_small(self, dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias):
+        """``backward`` of a small input in one call on the calling thread: dx and, when
+        given, the parameter gradients into ``dweight``/``dbias``; ``mean``/``invstd``
+        the saved statistics in any float dtype.  False when not taken (see
+        ``train_small``)."""
+        if self._backward_small is None or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+            return False
+        P, M, G, Kc, Ks = dims
+        self._backward_small(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx,
+                             dweight, dbias)
+        return True
 
     def apply(self, x, dims, mean, invstd, weight, bias, y):
         nt = self._threads(x.size)
