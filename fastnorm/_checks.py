@@ -89,6 +89,8 @@ def out(o, shape, dtype, name="out"):
 
 
 def eps(value, name="eps"):
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, quickly
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 \
             or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
@@ -96,6 +98,8 @@ def eps(value, name="eps"):
 
 
 def momentum(value, name="momentum"):
+    if type(value) is float and 0.0 <= value <= 1.0:  # the common case, quickly
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")

@@ -28,10 +28,11 @@ def _spatial(shape, start, stop):
 
 def channel_view(x, layout):
     """(C, view) with statistics per channel over everything else (BatchNorm)."""
+    shape = x.shape
     if layout == "NCHW":
-        N, C = x.shape[0], x.shape[1]
-        return C, (1, N, C, 1, _spatial(x.shape, 2, x.ndim))
-    C = x.shape[-1]
+        N, C = shape[0], shape[1]
+        return C, (1, N, C, 1, x.size // (N * C) if N * C else _spatial(shape, 2, x.ndim))
+    C = shape[-1]
     return C, (1, x.size // C, C, 1, 1)
 
 

@@ -44,11 +44,14 @@ def cpu_has_avx2_fma():
 cdef extern from "_simd.h" nogil:
     # float32 inner loops with AVX2+FMA intrinsics in the avx2 build (see _simd.h)
     void fn_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1, double* s2)
-    void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double a, double b)
+    void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean, double a,
+                       double bias)
+    void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n, double mean,
+                              double invstd, const float* w, const float* b)
     void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n, double mean,
                       double* t1, double* t2)
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
-                   double k2, double k3)
+                   double k2, double k3, double mean, const float* w)
     double fn_muladd_rounded(double a, double b, double c)
     void fn_runs_sums_f32(const float* x, Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
                           double shift, double* s1, double* s2)
@@ -132,11 +135,12 @@ cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowst
 
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t j0, Py_ssize_t j1,
-                         double a, double b) noexcept nogil:
-    """y[j] = x[j] * a + b for j in [j0, j1)."""
+                         double mean, double a, double bias) noexcept nogil:
+    """y[j] = (x[j] - mean) * a + bias for j in [j0, j1) (in double as x * a + b)."""
     cdef Py_ssize_t j
+    cdef double b = -mean * a + bias
     if floating is float:
-        fn_affine_f32(x + j0, y + j0, j1 - j0, a, b)
+        fn_affine_f32(x + j0, y + j0, j1 - j0, mean, a, bias)
     else:
         for j in range(j0, j1):
             y[j] = <floating>(<double>x[j] * a + b)
@@ -159,8 +163,12 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
         jb = f1 - m * L if m == m1 else L
         off = base + m * rowstride
         if Ks == 1:  # one parameter per value (LayerNorm-like): vectorize over kc
-            if w == NULL and bs == NULL:
-                _affine(x + off, y + off, ja, jb, invstd, -mean * invstd)
+            if floating is float:
+                fn_affine_values_f32(x + off + ja, y + off + ja, jb - ja, mean, invstd,
+                                     w + ja if w != NULL else NULL,
+                                     bs + ja if bs != NULL else NULL)
+            elif w == NULL and bs == NULL:
+                _affine(x + off, y + off, ja, jb, mean, invstd, 0.0)
             elif w == NULL:
                 _affine_b(x + off, y + off, bs, ja, jb, mean, invstd)
             elif bs == NULL:
@@ -172,10 +180,8 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
                 a = invstd
                 if w != NULL:
                     a = invstd * <double>w[kc]
-                b = -mean * a
-                if bs != NULL:
-                    b = b + <double>bs[kc]
-                _affine(x + off, y + off, max(ja, kc * Ks), min(jb, kc * Ks + Ks), a, b)
+                _affine(x + off, y + off, max(ja, kc * Ks), min(jb, kc * Ks + Ks), mean, a,
+                        <double>bs[kc] if bs != NULL else 0.0)
 
 
 cdef inline void _affine_b(const floating* x, floating* y, const floating* bias,
@@ -320,10 +326,11 @@ cdef inline Sums _grad_sums_values(const floating* dy, const floating* x, Py_ssi
 cdef inline void _item_apply_backward(const floating* dy, const floating* x, floating* dx,
                                       Py_ssize_t base, Py_ssize_t rowstride, Py_ssize_t L,
                                       Py_ssize_t Ks, Py_ssize_t f0, Py_ssize_t f1,
-                                      double invstd, double k2, double k3,
+                                      double invstd, double k2, double k3, double mean,
                                       const floating* weight,
                                       Py_ssize_t wofs) noexcept nogil:
-    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item."""
+    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item (``mean``: the group's,
+    for the float32 evaluation)."""
     cdef Py_ssize_t m, kc, ja, jb, off
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef double k1
@@ -334,25 +341,25 @@ cdef inline void _item_apply_backward(const floating* dy, const floating* x, flo
         off = base + m * rowstride
         if Ks == 1:
             if w == NULL:
-                _dx_run(dy + off, x + off, dx + off, ja, jb, invstd, k2, k3)
+                _dx_run(dy + off, x + off, dx + off, ja, jb, invstd, k2, k3, mean)
             else:
-                _dx_values(dy + off, x + off, dx + off, w, ja, jb, invstd, k2, k3)
+                _dx_values(dy + off, x + off, dx + off, w, ja, jb, invstd, k2, k3, mean)
         else:
             for kc in range(ja // Ks, (jb - 1) // Ks + 1):
                 k1 = invstd
                 if w != NULL:
                     k1 = invstd * <double>w[kc]
                 _dx_run(dy + off, x + off, dx + off, max(ja, kc * Ks),
-                        min(jb, kc * Ks + Ks), k1, k2, k3)
+                        min(jb, kc * Ks + Ks), k1, k2, k3, mean)
 
 
 cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
                          Py_ssize_t j0, Py_ssize_t j1, double k1, double k2,
-                         double k3) noexcept nogil:
+                         double k3, double mean) noexcept nogil:
     """dx[j] = dy[j] * k1 + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
     if floating is float:
-        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, k1, k2, k3)
+        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, k1, k2, k3, mean, NULL)
     else:
         for j in range(j0, j1):
             dx[j] = <floating>(<double>dy[j] * k1 + <double>x[j] * k2 + k3)
@@ -360,12 +367,15 @@ cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
 
 cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
                             const floating* weight, Py_ssize_t j0, Py_ssize_t j1,
-                            double invstd, double k2, double k3) noexcept nogil:
+                            double invstd, double k2, double k3, double mean) noexcept nogil:
     """dx[j] = dy[j] * invstd * weight[j] + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
-    for j in range(j0, j1):
-        dx[j] = <floating>(<double>dy[j] * invstd * <double>weight[j]
-                           + <double>x[j] * k2 + k3)
+    if floating is float:
+        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, invstd, k2, k3, mean, weight + j0)
+    else:
+        for j in range(j0, j1):
+            dx[j] = <floating>(<double>dy[j] * invstd * <double>weight[j]
+                               + <double>x[j] * k2 + k3)
 
 
 cdef inline void _group_forward(const floating* x, Py_ssize_t u, Py_ssize_t M,
@@ -426,7 +436,7 @@ cdef inline void _group_backward(const floating* dy, const floating* x, Py_ssize
         B = s.b
         k2 = -r * r * r * B / n
         k3 = r * (mu * r * r * B / n - A / n)
-        _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3,
+        _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3, mu,
                              weight, g * Kc)
 
 
@@ -589,9 +599,9 @@ def seg_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
 
 def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
                        Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
-                       Py_ssize_t nparts, const double[::1] invstd, const double[::1] k2,
-                       const double[::1] k3, const floating[::1] weight, floating[::1] dx,
-                       Py_ssize_t nthreads):
+                       Py_ssize_t nparts, const double[::1] mean, const double[::1] invstd,
+                       const double[::1] k2, const double[::1] k3, const floating[::1] weight,
+                       floating[::1] dx, Py_ssize_t nthreads):
     """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts."""
     cdef Py_ssize_t L = Kc * Ks
     cdef Py_ssize_t rowstride = G * L
@@ -600,6 +610,7 @@ def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
     _need(dy.shape[0], total, "dy")
     _need(x.shape[0], total, "x")
     _need(dx.shape[0], total, "dx")
+    _need(mean.shape[0], P * G, "mean")
     _need(invstd.shape[0], P * G, "invstd")
     _need(k2.shape[0], P * G, "k2")
     _need(k3.shape[0], P * G, "k3")
@@ -617,7 +628,7 @@ def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
         g = u - p * G
         _item_apply_backward(dyp, xp, dxp, p * M * rowstride + g * L, rowstride, L, Ks,
                              n * part // nparts, n * (part + 1) // nparts, invstd[u],
-                             k2[u], k3[u], wp, g * Kc)
+                             k2[u], k3[u], mean[u], wp, g * Kc)
 
 
 # ----------------------------------------------------------------------------------------

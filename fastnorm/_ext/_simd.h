@@ -76,21 +76,70 @@ static inline void fn_sums_f32(const float* x, Py_ssize_t n, double shift,
     *s2 = b;
 }
 
-/* y = x * a + b over [0, n) */
-static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double a,
-                                 double b) {
+/* Applying the transforms in float32.  y = (x - mean) * a + b evaluated in double costs
+ * two conversions per 4 values each way and is bound by them; in float32 it is three
+ * vector operations per 8 values.  Done naively (x * a + b with b = bias - mean * a) it
+ * would cancel badly when the mean is large against the spread (b and x * a both
+ * ~1e4 for a mean of 1e4 standard deviations), so the mean is split into float32 parts
+ * hi + lo (hi + lo = mean to ~2^-48 relative): x - hi is exact for values near the mean
+ * (Sterbenz) and otherwise rounds relative to the difference itself, so the centered
+ * value carries ~1 ulp of its own size and the result a few ulp of |y|.  The tails and
+ * the portable build compute in double. */
+static inline void fn_split(double v, float* hi, float* lo) {
+    *hi = (float)v;
+    *lo = (float)(v - (double)*hi);
+}
+
+/* y = (x - mean) * a + bias over [0, n) */
+static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean,
+                                 double a, double bias) {
     Py_ssize_t j = 0;
 #if FN_SIMD
-    fn_vd va = FN_SET1(a), vb = FN_SET1(b);
-    for (; j + 2 * FN_VW <= n; j += 2 * FN_VW) {
-        fn_vd y0 = FN_FMA(FN_LD(x + j), va, vb);
-        fn_vd y1 = FN_FMA(FN_LD(x + j + FN_VW), va, vb);
-        FN_ST(y + j, y0);
-        FN_ST(y + j + FN_VW, y1);
+    float mh, ml;
+    fn_split(mean, &mh, &ml);
+    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
+    __m256 va = _mm256_set1_ps((float)a), vb = _mm256_set1_ps((float)bias);
+    for (; j + 16 <= n; j += 16) {
+        __m256 c0 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl);
+        __m256 c1 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vh), vl);
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(c0, va, vb));
+        _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(c1, va, vb));
     }
 #endif
+    double b = -mean * a + bias;
     for (; j < n; j++)
         y[j] = (float)((double)x[j] * a + b);
+}
+
+/* One parameter per value (LayerNorm): y = (x - mean) * invstd * w[j] + b[j], w and b
+ * NULL when absent. */
+static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
+                                        double mean, double invstd, const float* w,
+                                        const float* b) {
+    Py_ssize_t j = 0;
+#if FN_SIMD
+    float mh, ml;
+    fn_split(mean, &mh, &ml);
+    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml), vr = _mm256_set1_ps((float)invstd);
+    for (; j + 8 <= n; j += 8) {
+        __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl), vr);
+        if (w != NULL && b != NULL)
+            c = _mm256_fmadd_ps(c, _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j));
+        else if (w != NULL)
+            c = _mm256_mul_ps(c, _mm256_loadu_ps(w + j));
+        else if (b != NULL)
+            c = _mm256_add_ps(c, _mm256_loadu_ps(b + j));
+        _mm256_storeu_ps(y + j, c);
+    }
+#endif
+    for (; j < n; j++) {
+        double v = ((double)x[j] - mean) * invstd;
+        if (w != NULL)
+            v *= (double)w[j];
+        if (b != NULL)
+            v += (double)b[j];
+        y[j] = (float)v;
+    }
 }
 
 /* t1 = sum(dy), t2 = sum(dy * (x - mean)) over [0, n) */
@@ -125,23 +174,32 @@ static inline void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n,
     *t2 = b;
 }
 
-/* dx = dy * k1 + x * k2 + k3 over [0, n) */
+/* dx = dy * k1 + x * k2 + k3 over [0, n), in float32 as (x - mean) * k2 + (k3 + k2 * mean)
+ * (see fn_affine_f32: x * k2 and k3 cancel when the mean is large); w (NULL when
+ * absent) multiplies k1 per value. */
 static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
-                             double k1, double k2, double k3) {
+                             double k1, double k2, double k3, double mean, const float* w) {
     Py_ssize_t j = 0;
 #if FN_SIMD
-    fn_vd v1 = FN_SET1(k1), v2 = FN_SET1(k2), v3 = FN_SET1(k3);
-    for (; j + 2 * FN_VW <= n; j += 2 * FN_VW) {
-        fn_vd r0 = FN_FMA(FN_LD(dy + j), v1,
-                                     FN_FMA(FN_LD(x + j), v2, v3));
-        fn_vd r1 = FN_FMA(FN_LD(dy + j + FN_VW), v1,
-                                     FN_FMA(FN_LD(x + j + FN_VW), v2, v3));
-        FN_ST(dx + j, r0);
-        FN_ST(dx + j + FN_VW, r1);
+    float mh, ml;
+    fn_split(mean, &mh, &ml);
+    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
+    __m256 v1 = _mm256_set1_ps((float)k1), v2 = _mm256_set1_ps((float)k2);
+    __m256 v3 = _mm256_set1_ps((float)(k3 + k2 * mean));
+    for (; j + 8 <= n; j += 8) {
+        __m256 c = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl);
+        __m256 g = _mm256_loadu_ps(dy + j);
+        if (w != NULL)
+            g = _mm256_mul_ps(g, _mm256_loadu_ps(w + j));
+        _mm256_storeu_ps(dx + j, _mm256_fmadd_ps(g, v1, _mm256_fmadd_ps(c, v2, v3)));
     }
 #endif
-    for (; j < n; j++)
-        dx[j] = (float)((double)dy[j] * k1 + (double)x[j] * k2 + k3);
+    for (; j < n; j++) {
+        double g = (double)dy[j] * k1;
+        if (w != NULL)
+            g *= (double)w[j];
+        dx[j] = (float)(g + (double)x[j] * k2 + k3);
+    }
 }
 
 /* Columns: x is rows x W (row stride W).  s1[w] = sum_m (x[m, w] - shift[w]), s2 the

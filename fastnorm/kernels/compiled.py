@@ -274,8 +274,8 @@ class CompiledBackend:
                                       np.repeat(k3.reshape(P, G), Kc, axis=1).reshape(-1),
                                       dxf, nt)
             return
-        self.k.seg_apply_backward(dyf, xf, P, M, G, Kc, Ks, self._nparts(dims), invstd, k2, k3,
-                                  self._flat_param(weight, x.dtype), dxf, nt)
+        self.k.seg_apply_backward(dyf, xf, P, M, G, Kc, Ks, self._nparts(dims), mean, invstd,
+                                  k2, k3, self._flat_param(weight, x.dtype), dxf, nt)
 
     @staticmethod
     def _is_row_norm(dims):

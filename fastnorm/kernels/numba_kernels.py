@@ -362,9 +362,10 @@ def seg_grad_sums(dy, x, P, M, G, Kc, Ks, nparts, mean, weight, A, B, sdy, sdyxc
 
 
 @_jit(True)
-def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, invstd, k2, k3, weight, dx,
+def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, weight, dx,
                        nthreads):
-    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts."""
+    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts.  ``mean``
+    (the groups' means) serves the Cython module's float32 evaluation; unused here."""
     L = Kc * Ks
     rowstride = G * L
     n = M * L
