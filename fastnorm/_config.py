@@ -17,6 +17,9 @@ MIN_CHUNK_ELEMENTS = 16384  # below this a chunk is not worth a task of its own
 PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller passes run on the calling thread alone
 SPLIT_UNITS_BELOW = 8    # a reduction with fewer independent groups than this ...
 SPLIT_MIN_ELEMENTS = 1 << 16  # ... and at least this many elements per group is split
+# Whole training passes in one kernel call where the backend has them (Cython); False
+# takes the general path (the kernels between NumPy steps), for comparisons and tests.
+FUSED_PASSES = True
 
 
 def _default_threads():

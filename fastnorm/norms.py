@@ -67,17 +67,17 @@ def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_v
            momentum=0.1):
     """The training forward: ``(y, mean, invstd)`` with the statistics flat (P*G values)
     in x's dtype (mean None without ``center``); running buffers, when given, move
-    towards the statistics averaged over P, the variance unbiased.  Small inputs take the
-    backend's ``train_small`` (one call on the calling thread) when it has one."""
+    towards the statistics averaged over P, the variance unbiased.  The backend's
+    ``train_fused`` (one kernel call, no NumPy steps) serves when it has one."""
     y = _checks.out(out, x.shape, x.dtype)
     P, M, G, Kc, Ks = dims
     k = get_kernels()
-    small = getattr(k, "train_small", None)
-    if small is not None:
+    fused = getattr(k, "train_fused", None)
+    if fused is not None:
         mean = np.empty(P * G, x.dtype) if center else None
         invstd = np.empty(P * G, x.dtype)
         rm, rv = _contiguous(running_mean), _contiguous(running_var)
-        if small(x, dims, weight, bias, eps, center, y, mean, invstd, rm, rv, momentum):
+        if fused(x, dims, weight, bias, eps, center, y, mean, invstd, rm, rv, momentum):
             if rm is not running_mean:  # a strided view: updated through a copy
                 running_mean[...] = rm
             if rv is not running_var:
@@ -105,12 +105,12 @@ def _backward(dy, x, dims, mean, invstd, weight, center, out, param_grads):
         dy = dy.astype(x.dtype)
     dx = _checks.out(out, x.shape, x.dtype)
     k = get_kernels()
-    small = getattr(k, "backward_small", None)
-    if small is not None:
+    fused = getattr(k, "backward_fused", None)
+    if fused is not None:
         nw = dims[2] * dims[3]
         dw = np.empty(nw, x.dtype) if param_grads else None
         db = np.empty(nw, x.dtype) if param_grads else None
-        if small(dy, x, dims, mean, invstd, weight, center, dx, dw, db):
+        if fused(dy, x, dims, mean, invstd, weight, center, dx, dw, db):
             return dx, dw, db
     mean = np.zeros(invstd.size) if mean is None else _stat64(mean)
     invstd = _stat64(invstd)

@@ -211,6 +211,7 @@ def test_results_independent_of_thread_count(backend, norm, layout, shape, group
     backend_obj = get_kernels(backend)
     recorder = _Recorder(backend_obj.k)
     monkeypatch.setattr(backend_obj, "k", recorder)
+    monkeypatch.setattr(fn._config, "FUSED_PASSES", False)  # see test_fused_passes_*
     results = []
     for n in (1, 2, 3):
         fn.set_num_threads(n)
@@ -567,27 +568,30 @@ def test_random_shapes_match_reference(backend, norm, data):
         assert_close(g[name], g_ref[name], rtol, name, floor=1.0)
 
 
-# ------------------------------------------------------------- small-input path ----
-SMALL_CASES = [  # (norm, layout, shape, groups): every view shape the small path has
+# ---------------------------------------------------------------- fused passes ----
+FUSED_CASES = [  # (norm, layout, shape, groups): every view shape of the fused passes
     ("batch_norm", "NCHW", (5, 6, 7, 3), None), ("batch_norm", "NHWC", (5, 7, 3, 6), None),
     ("batch_norm", "NCHW", (33, 20), None), ("batch_norm", "NHWC", (4, 9, 37), None),
     ("instance_norm", "NCHW", (3, 5, 6, 7), None), ("instance_norm", "NHWC", (3, 6, 7, 5), None),
     ("group_norm", "NCHW", (3, 6, 5, 7), 3), ("group_norm", "NHWC", (3, 5, 7, 12), 4),
     ("layer_norm", "last1", (7, 37), None), ("layer_norm", "last2", (3, 5, 4, 9), None),
     ("rms_norm", "last1", (7, 37), None), ("rms_norm", "last2", (3, 5, 4, 9), None),
+    # parallel, several row blocks / row chunks
+    ("batch_norm", "NHWC", (8, 40, 40, 24), None), ("instance_norm", "NHWC", (4, 64, 64, 8), None),
+    ("layer_norm", "last1", (600, 333), None), ("group_norm", "NCHW", (8, 32, 24, 24), 8),
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", ["none", "full"])
-@pytest.mark.parametrize("norm,layout,shape,groups", SMALL_CASES,
+@pytest.mark.parametrize("norm,layout,shape,groups", FUSED_CASES,
                          ids=[f"{n}-{lay}-{'x'.join(map(str, s))}"
-                              for n, lay, s, _ in SMALL_CASES])
-def test_small_path_matches_parallel_kernels(norm, layout, shape, groups, affine, dtype,
-                                             monkeypatch):
-    """Below PARALLEL_MIN_ELEMENTS the Cython backend runs whole passes in one call
-    (forward_small/backward_small); forced off, the same input takes the parallel
-    kernels and NumPy glue: both agree, running buffers included."""
+                              for n, lay, s, _ in FUSED_CASES])
+def test_fused_passes_match_general_path(norm, layout, shape, groups, affine, dtype,
+                                         monkeypatch, restore_threads):
+    """The Cython backend runs whole training passes in one call (forward_fused,
+    backward_fused); turned off, the same input takes the kernels between NumPy steps:
+    both agree, running buffers included, on 1 and 2 threads."""
     if "cython" not in COMPILED:
         pytest.skip("the Cython backend is not built")
     case = case_for(norm, "cython", layout, dtype=dtype, affine=affine, shape=shape,
@@ -600,8 +604,9 @@ def test_small_path_matches_parallel_kernels(norm, layout, shape, groups, affine
     recorder = _Recorder(backend.k)
     monkeypatch.setattr(backend, "k", recorder)
     results = []
-    for small in (True, False):
-        monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1 << 17 if small else 0)
+    for fused, threads in ((True, 1), (True, 2), (False, 2)):
+        monkeypatch.setattr(fn._config, "FUSED_PASSES", fused)
+        fn.set_num_threads(threads)
         params = {k: (None if v is None else v.copy()) for k, v in p.items()}
         with fn.use_backend("cython"):
             y, saved = spec.train(x, params, case)
@@ -610,7 +615,10 @@ def test_small_path_matches_parallel_kernels(norm, layout, shape, groups, affine
         results.append((y, saved, g, params))
     assert recorder.called & {"seg_forward", "seg_sums", "col_sums"}, recorder.called
     tol = 1e-12 if dtype == np.float64 else 2e-6
-    (y1, s1, g1, p1), (y2, s2, g2, p2) = results
+    (y1, s1, g1, p1), (y0, s0, g0, p0), (y2, s2, g2, p2) = results
+    np.testing.assert_array_equal(y1, y0)  # the thread count changes nothing
+    for name in ("input", "weight", "bias"):
+        np.testing.assert_array_equal(g1[name], g0[name])
     assert_close(y1, y2, tol, "y")
     for a, b in zip(s1, s2):
         assert a.dtype == b.dtype == np.dtype(dtype)

@@ -53,6 +53,12 @@ cdef extern from "_simd.h" nogil:
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
                    double k2, double k3, double mean, const float* w)
     double fn_muladd_rounded(double a, double b, double c)
+    void fn_split(double v, float* hi, float* lo)
+    void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W, const float* mh,
+                          const float* ml, const float* a, const float* b, float* y)
+    void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t W,
+                      const float* mh, const float* ml, const float* k1, const float* k2,
+                      const float* k3, float* dx)
     void fn_runs_sums_f32(const float* x, Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
                           double shift, double* s1, double* s2)
     void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t rowstride,
@@ -939,13 +945,14 @@ def seg_apply_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
 
 
 # ----------------------------------------------------------------------------------------
-# Whole passes for small inputs on the calling thread: the training forward (statistics,
-# y, saved statistics in the caller's dtype, running buffers) and the backward (dx and
-# the parameter gradients) in one call each, for both kernel shapes.  The driver takes
-# these below PARALLEL_MIN_ELEMENTS, where the NumPy glue around the parallel kernels
-# (moments, coefficients, merges: a dozen small array operations) cost more than the
-# arithmetic.  Same per-group arithmetic as the parallel kernels; the column shape sums
-# all rows as one block.
+# Whole passes in one call: the training forward (statistics, y, saved statistics in the
+# caller's dtype, running buffers) and the backward (dx and the parameter gradients), for
+# every view except few large groups split into parts.  The driver's general path runs
+# the same kernels between a dozen small NumPy operations (moments, coefficients, merges),
+# which cost more than the arithmetic below ~1M values.  Work is split as the driver
+# splits it (by size only: ``nch`` row blocks, ``nrch`` x ``nblk`` chunks of rows and
+# columns), partial sums are merged in a fixed order, so results do not depend on the
+# thread count.  float32 columns are applied in float32 with split means (_simd.h).
 # ----------------------------------------------------------------------------------------
 from libc.stdlib cimport malloc, free
 
@@ -992,41 +999,54 @@ cdef inline void _blend(void* buf, int t, Py_ssize_t i, double momentum,
                                               (1.0 - momentum) * (<double*>buf)[i])
 
 
-cdef int _forward_serial(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
-                         Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, const floating* wp,
-                         const floating* bp, double eps, bint center, double* mean,
-                         double* var) noexcept nogil:
-    """Statistics per group into mean/var and y; -1 when out of memory."""
+cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
+                      Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t nch, const floating* wp,
+                      const floating* bp, double eps, bint center, double* mean,
+                      double* var, int nt) noexcept nogil:
+    """The column shape: block sums (parallel), merged per group in block order, then
+    the affine (parallel).  -1 when out of memory."""
     cdef Py_ssize_t W = G * Kc
+    cdef Py_ssize_t nb = P * nch
     cdef Py_ssize_t n = M * Kc
-    cdef Py_ssize_t p, g, kc, c, u
-    cdef double S1, S2, d, v, mu, r, a, b
-    cdef double* work
-    cdef const floating* xb
-    if not (Ks == 1 and M > 1):  # segments
-        for u in range(P * G):
-            _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
-        return 0
-    work = <double*>malloc(5 * W * sizeof(double))  # columns: shift, s1, s2, alpha, beta
+    cdef Py_ssize_t it, p, c, g, kc, u, ci, m0, m1
+    cdef double S1, S2, d, v, mu, r, a, bias
+    # per block: s1, s2 (W each); per (p, column): shift, alpha, beta
+    cdef double* work = <double*>malloc((2 * nb * W + 3 * P * W) * sizeof(double))
+    cdef float* fw = NULL  # float32 columns: mean hi, lo, alpha, bias per (p, column)
     if work == NULL:
         return -1
+    if floating is float:
+        fw = <float*>malloc(4 * P * W * sizeof(float))
+        if fw == NULL:
+            free(work)
+            return -1
+    cdef double* s1 = work
+    cdef double* s2 = work + nb * W
+    cdef double* sh = work + 2 * nb * W
+    cdef double* al = sh + P * W
+    cdef double* be = al + P * W
     for p in range(P):
-        xb = xp + p * M * W
         for c in range(W):  # each group's first value (row 0, its first channel)
-            work[c] = <double>xb[(c // Kc) * Kc] if center else 0.0
-        _col_sums_block(xb, 0, M, W, work, work + W, work + 2 * W)
+            sh[p * W + c] = <double>xp[p * M * W + (c // Kc) * Kc] if center else 0.0
+    for it in prange(nb, schedule='static', num_threads=nt):
+        p = it // nch
+        c = it - p * nch
+        _col_sums_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, sh + p * W,
+                        s1 + it * W, s2 + it * W)
+    for p in range(P):
         for g in range(G):
             S1 = 0.0
             S2 = 0.0
-            for kc in range(Kc):
-                S1 += work[W + g * Kc + kc]
-                S2 += work[2 * W + g * Kc + kc]
+            for c in range(nch):
+                for kc in range(Kc):
+                    S1 += s1[(p * nch + c) * W + g * Kc + kc]
+                    S2 += s2[(p * nch + c) * W + g * Kc + kc]
             if center:
                 d = S1 / n
                 v = S2 / n - d * d
                 if v < 0.0:  # not max(): NaN must stay NaN
                     v = 0.0
-                mu = d + work[g * Kc]
+                mu = d + sh[p * W + g * Kc]
             else:
                 mu = 0.0
                 v = S2 / n
@@ -1035,32 +1055,62 @@ cdef int _forward_serial(const floating* xp, floating* yp, Py_ssize_t P, Py_ssiz
             var[u] = v
             r = 1.0 / sqrt(v + eps)
             for kc in range(Kc):
-                c = g * Kc + kc
-                a = r * <double>wp[c] if wp != NULL else r
-                b = -mu * a
-                if bp != NULL:
-                    b = b + <double>bp[c]
-                work[3 * W + c] = a
-                work[4 * W + c] = b
-        _col_apply_block(xb, 0, M, W, work + 3 * W, work + 4 * W, yp + p * M * W)
+                ci = p * W + g * Kc + kc
+                a = r * <double>wp[g * Kc + kc] if wp != NULL else r
+                bias = <double>bp[g * Kc + kc] if bp != NULL else 0.0
+                al[ci] = a
+                be[ci] = -mu * a + bias
+                if floating is float:
+                    fn_split(mu, fw + ci, fw + P * W + ci)
+                    fw[2 * P * W + ci] = <float>a
+                    fw[3 * P * W + ci] = <float>bias
+    for it in prange(nb, schedule='static', num_threads=nt):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        if floating is float:
+            fn_col_affine_ps(xp + (p * M + m0) * W, m1 - m0, W, fw + p * W,
+                             fw + P * W + p * W, fw + 2 * P * W + p * W,
+                             fw + 3 * P * W + p * W, yp + (p * M + m0) * W)
+        else:
+            _col_apply_block(xp + p * M * W, m0, m1, W, al + p * W, be + p * W,
+                             yp + p * M * W)
     free(work)
+    if fw != NULL:
+        free(fw)
     return 0
 
 
-def forward_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                  Py_ssize_t Ks, weight, bias, double eps, bint center, y, mean_out,
-                  invstd_out, running_mean, running_var, double momentum):
-    """The training forward on the calling thread (GIL released): y; the saved mean and
-    invstd = 1/sqrt(var + eps) per group into mean_out/invstd_out (P*G values, either
-    float dtype; mean_out may be None); running buffers (G values, None to skip) moved
-    towards the statistics averaged over p, the variance unbiased by n/(n-1)."""
+cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
+                        Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nch,
+                        const floating* wp, const floating* bp, double eps, bint center,
+                        double* mean, double* var, int nt) noexcept nogil:
+    """Statistics per group into mean/var and y; -1 when out of memory."""
+    cdef Py_ssize_t u
+    if Ks == 1 and M > 1:
+        return _col_forward(xp, yp, P, M, G, Kc, nch, wp, bp, eps, center, mean, var, nt)
+    for u in prange(P * G, schedule='static', num_threads=nt):  # segments, fused per group
+        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
+    return 0
+
+
+def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                  Py_ssize_t Ks, Py_ssize_t nch, weight, bias, double eps, bint center, y,
+                  mean_out, invstd_out, running_mean, running_var, double momentum,
+                  int nthreads):
+    """The training forward in one call (GIL released): y; the saved mean and invstd =
+    1/sqrt(var + eps) per group into mean_out/invstd_out (P*G values, either float
+    dtype; mean_out may be None); running buffers (G values, None to skip) moved towards
+    the statistics averaged over p, the variance unbiased by n/(n-1).  The column shape
+    sums ``nch`` row blocks per p; segments are not split."""
     if not cnp.PyArray_Check(x):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
         raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1:
-        raise ValueError("expected positive dimensions")
+    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1 or nch < 1 or nch > M or nthreads < 1:
+        raise ValueError("expected positive dimensions, 1 <= nch <= M and nthreads >= 1")
     cdef Py_ssize_t total = P * M * G * Kc * Ks
     cdef Py_ssize_t PG = P * G
     cdef int tm, ti, trm, trv, rc = 0
@@ -1080,119 +1130,198 @@ def forward_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
     cdef double sm, sv
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _forward_serial(<const float*>xp, <float*>yp, P, M, G, Kc, Ks,
-                                 <const float*>wp, <const float*>bp, eps, center, st,
-                                 st + PG)
+            rc = _forward_fused(<const float*>xp, <float*>yp, P, M, G, Kc, Ks, nch,
+                                <const float*>wp, <const float*>bp, eps, center, st,
+                                st + PG, nthreads)
         else:
-            rc = _forward_serial(<const double*>xp, <double*>yp, P, M, G, Kc, Ks,
-                                 <const double*>wp, <const double*>bp, eps, center, st,
-                                 st + PG)
+            rc = _forward_fused(<const double*>xp, <double*>yp, P, M, G, Kc, Ks, nch,
+                                <const double*>wp, <const double*>bp, eps, center, st,
+                                st + PG, nthreads)
         if rc == 0:
             for u in range(PG):
                 if mo != NULL:
                     _store(mo, tm, u, st[u])
                 _store(io, ti, u, 1.0 / sqrt(st[PG + u] + eps))
-            for g in range(G):
-                sm = 0.0
-                sv = 0.0
-                for p in range(P):
-                    sm += st[p * G + g]
-                    sv = fn_muladd_rounded(st[PG + p * G + g], n / (n - 1.0), sv) \
-                        if n > 1 else NAN
-                if rm != NULL:
-                    _blend(rm, trm, g, momentum, sm / P)
-                if rv != NULL:
-                    _blend(rv, trv, g, momentum, sv / P)
+            if rm != NULL or rv != NULL:
+                for g in range(G):
+                    sm = 0.0
+                    sv = 0.0
+                    for p in range(P):
+                        sm += st[p * G + g]
+                        sv = fn_muladd_rounded(st[PG + p * G + g], n / (n - 1.0), sv) \
+                            if n > 1 else NAN
+                    if rm != NULL:
+                        _blend(rm, trm, g, momentum, sm / P)
+                    if rv != NULL:
+                        _blend(rv, trv, g, momentum, sv / P)
     free(st)
     if rc != 0:
         raise MemoryError()
 
 
-cdef int _backward_serial(const floating* dyp, const floating* xp, floating* dxp,
-                          Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                          Py_ssize_t Ks, const double* mean, const double* invstd,
-                          const floating* wp, bint center, double* dw,
-                          double* db) noexcept nogil:
-    """dx, and with dw/db (not NULL) the parameter gradients; -1 when out of memory."""
+cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
+                       Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                       Py_ssize_t nch, const double* mean, const double* invstd,
+                       const floating* wp, bint center, double* dw, double* db,
+                       int nt) noexcept nogil:
+    """The column shape: block gradient sums (parallel), merged in block order, then dx
+    (parallel); dw/db (not NULL) receive the parameter gradients.  -1: out of memory."""
     cdef Py_ssize_t W = G * Kc
-    cdef Py_ssize_t n = M * Kc * Ks
-    cdef Py_ssize_t p, g, kc, c, u
+    cdef Py_ssize_t nb = P * nch
+    cdef Py_ssize_t n = M * Kc
+    cdef Py_ssize_t it, p, c, g, kc, ci, m0, m1
     cdef double A, B, r, mu, wk, k2, k3
-    cdef double* work
-    cdef bint want = dw != NULL
-    if Ks == 1 and M == 1 and G == 1:  # rows (LayerNorm, RMSNorm): a parameter per value
-        for u in range(P):
-            _group_backward(dyp, xp, u, 1, 1, Kc, 1, mean, invstd, wp, center, dxp, NULL,
-                            NULL, False)
-        if want:
-            _row_param_grads_block(dyp, xp, 0, P, Kc, 0, Kc, mean, invstd, dw, db)
-        return 0
-    work = <double*>malloc(6 * W * sizeof(double) + 2 * P * W * sizeof(double))
+    # per block: sdy, sdyxc (W each); per (p, column): mean, k1, k2, k3
+    cdef double* work = <double*>malloc((2 * nb * W + 4 * P * W) * sizeof(double))
+    cdef float* fw = NULL  # float32 columns: mean hi, lo, k1, k2, k3 + k2 * mean
     if work == NULL:
         return -1
+    if floating is float:
+        fw = <float*>malloc(5 * P * W * sizeof(float))
+        if fw == NULL:
+            free(work)
+            return -1
+    cdef double* sd = work
+    cdef double* sx = work + nb * W
+    cdef double* mw = work + 2 * nb * W
+    cdef double* k1w = mw + P * W
+    cdef double* k2w = k1w + P * W
+    cdef double* k3w = k2w + P * W
+    for p in range(P):
+        for c in range(W):
+            mw[p * W + c] = mean[p * G + c // Kc]
+    for it in prange(nb, schedule='static', num_threads=nt):
+        p = it // nch
+        c = it - p * nch
+        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
+                             M * (c + 1) // nch, W, mw + p * W, sd + it * W, sx + it * W)
+    if dw != NULL:
+        for c in range(W):
+            dw[c] = 0.0
+            db[c] = 0.0
+    for p in range(P):
+        for c in range(1, nch):  # merged into the p's first block, in block order
+            for ci in range(W):
+                sd[p * nch * W + ci] += sd[(p * nch + c) * W + ci]
+                sx[p * nch * W + ci] += sx[(p * nch + c) * W + ci]
+        for g in range(G):
+            A = 0.0
+            B = 0.0
+            for kc in range(Kc):
+                ci = g * Kc + kc
+                wk = <double>wp[ci] if wp != NULL else 1.0
+                A += wk * sd[p * nch * W + ci]
+                B += wk * sx[p * nch * W + ci]
+            if not center:
+                A = 0.0
+            r = invstd[p * G + g]
+            mu = mean[p * G + g]
+            k2 = -r * r * r * B / n
+            k3 = r * (mu * r * r * B / n - A / n)
+            for kc in range(Kc):
+                ci = g * Kc + kc
+                k1w[p * W + ci] = r * <double>wp[ci] if wp != NULL else r
+                k2w[p * W + ci] = k2
+                k3w[p * W + ci] = k3
+                if floating is float:
+                    fn_split(mu, fw + p * W + ci, fw + P * W + p * W + ci)
+                    fw[2 * P * W + p * W + ci] = <float>k1w[p * W + ci]
+                    fw[3 * P * W + p * W + ci] = <float>k2
+                    fw[4 * P * W + p * W + ci] = <float>(k3 + k2 * mu)
+                if dw != NULL:
+                    dw[ci] += sx[p * nch * W + ci] * r
+                    db[ci] += sd[p * nch * W + ci]
+    for it in prange(nb, schedule='static', num_threads=nt):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        if floating is float:
+            fn_col_dx_ps(dyp + (p * M + m0) * W, xp + (p * M + m0) * W, m1 - m0, W,
+                         fw + p * W, fw + P * W + p * W, fw + 2 * P * W + p * W,
+                         fw + 3 * P * W + p * W, fw + 4 * P * W + p * W,
+                         dxp + (p * M + m0) * W)
+        else:
+            _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, m0, m1, W,
+                                      k1w + p * W, k2w + p * W, k3w + p * W, dxp + p * M * W)
+    free(work)
+    if fw != NULL:
+        free(fw)
+    return 0
+
+
+cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
+                         Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                         Py_ssize_t Ks, Py_ssize_t nch, Py_ssize_t nrch, Py_ssize_t nblk,
+                         const double* mean, const double* invstd, const floating* wp,
+                         bint center, double* dw, double* db, int nt) noexcept nogil:
+    """dx, and with dw/db (not NULL) the parameter gradients; -1 when out of memory."""
+    cdef Py_ssize_t W = G * Kc
+    cdef Py_ssize_t u, kc, c, it, ch, b
+    cdef double* work
+    cdef bint want = dw != NULL
+    if Ks == 1 and M > 1:
+        return _col_backward(dyp, xp, dxp, P, M, G, Kc, nch, mean, invstd, wp, center, dw,
+                             db, nt)
+    if Ks == 1 and M == 1 and G == 1:  # rows (LayerNorm, RMSNorm): a parameter per value
+        for u in prange(P, schedule='static', num_threads=nt):
+            _group_backward(dyp, xp, u, 1, 1, Kc, 1, mean, invstd, wp, center, dxp, NULL,
+                            NULL, False)
+        if not want:
+            return 0
+        work = <double*>malloc(2 * nrch * Kc * sizeof(double))  # per chunk of rows
+        if work == NULL:
+            return -1
+        for it in prange(nrch * nblk, schedule='static', num_threads=nt):
+            ch = it // nblk
+            b = it - ch * nblk
+            _row_param_grads_block(dyp, xp, P * ch // nrch, P * (ch + 1) // nrch, Kc,
+                                   Kc * b // nblk, Kc * (b + 1) // nblk, mean, invstd,
+                                   work + ch * Kc, work + (nrch + ch) * Kc)
+        for c in range(Kc):
+            dw[c] = 0.0
+            db[c] = 0.0
+            for ch in range(nrch):
+                dw[c] += work[ch * Kc + c]
+                db[c] += work[(nrch + ch) * Kc + c]
+        free(work)
+        return 0
+    work = <double*>malloc(2 * P * W * sizeof(double))  # segments: per-channel sums
+    if work == NULL:
+        return -1
+    for u in prange(P * G, schedule='static', num_threads=nt):
+        _group_backward(dyp, xp, u, M, G, Kc, Ks, mean, invstd, wp, center, dxp, work,
+                        work + P * W, want)
     if want:
         for c in range(W):
             dw[c] = 0.0
             db[c] = 0.0
-    if not (Ks == 1 and M > 1):  # segments: per-channel sums into work (P*W each)
         for u in range(P * G):
-            _group_backward(dyp, xp, u, M, G, Kc, Ks, mean, invstd, wp, center, dxp, work,
-                            work + P * W, want)
-        if want:
-            for u in range(P * G):
-                for kc in range(Kc):
-                    c = (u % G) * Kc + kc
-                    dw[c] += work[P * W + u * Kc + kc] * invstd[u]
-                    db[c] += work[u * Kc + kc]
-        free(work)
-        return 0
-    for p in range(P):  # columns: sdy, sdyxc, mean per column, k1, k2, k3
-        for c in range(W):
-            work[2 * W + c] = mean[p * G + c // Kc]
-        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, 0, M, W, work + 2 * W, work,
-                             work + W)
-        for g in range(G):
-            u = p * G + g
-            A = 0.0
-            B = 0.0
             for kc in range(Kc):
-                c = g * Kc + kc
-                wk = <double>wp[c] if wp != NULL else 1.0
-                A += wk * work[c]
-                B += wk * work[W + c]
-            if not center:
-                A = 0.0
-            r = invstd[u]
-            mu = mean[u]
-            k2 = -r * r * r * B / n
-            k3 = r * (mu * r * r * B / n - A / n)
-            for kc in range(Kc):
-                c = g * Kc + kc
-                work[3 * W + c] = r * <double>wp[c] if wp != NULL else r
-                work[4 * W + c] = k2
-                work[5 * W + c] = k3
-                if want:
-                    dw[c] += work[W + c] * r
-                    db[c] += work[c]
-        _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, 0, M, W, work + 3 * W,
-                                  work + 4 * W, work + 5 * W, dxp + p * M * W)
+                c = (u % G) * Kc + kc
+                dw[c] += work[P * W + u * Kc + kc] * invstd[u]
+                db[c] += work[u * Kc + kc]
     free(work)
     return 0
 
 
-def backward_small(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                   Py_ssize_t Ks, mean, invstd, weight, bint center, dx, dweight, dbias):
-    """The backward on the calling thread (GIL released): dx, and the parameter
-    gradients into dweight/dbias (G*Kc values, either float dtype, both or neither
-    None).  mean (None: zeros) and invstd are the saved statistics, P*G values of either
-    float dtype."""
+def backward_fused(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                   Py_ssize_t Ks, Py_ssize_t nch, Py_ssize_t nrch, Py_ssize_t nblk, mean,
+                   invstd, weight, bint center, dx, dweight, dbias, int nthreads):
+    """The backward in one call (GIL released): dx, and the parameter gradients into
+    dweight/dbias (G*Kc values, either float dtype, both or neither None).  mean (None:
+    zeros) and invstd are the saved statistics, P*G values of either float dtype.  The
+    column shape sums ``nch`` row blocks per p; row norms sum their parameter gradients
+    in ``nrch`` chunks of rows times ``nblk`` blocks of columns."""
     if not cnp.PyArray_Check(x):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
         raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1:
-        raise ValueError("expected positive dimensions")
+    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1 or nch < 1 or nch > M or nrch < 1 \
+            or nrch > P or nblk < 1 or nblk > Kc or nthreads < 1:
+        raise ValueError("expected positive dimensions, 1 <= nch <= M, 1 <= nrch <= P, "
+                         "1 <= nblk <= Kc and nthreads >= 1")
     if (dweight is None) != (dbias is None):
         raise ValueError("dweight, dbias: expected both or neither")
     cdef Py_ssize_t total = P * M * G * Kc * Ks
@@ -1217,13 +1346,13 @@ def backward_small(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t K
             st[u] = _load(mp, tm, u) if mp != NULL else 0.0
             st[PG + u] = _load(ip, ti, u)
         if t == cnp.NPY_FLOAT32:
-            rc = _backward_serial(<const float*>dyp, <const float*>xp, <float*>dxp, P, M, G,
-                                  Kc, Ks, st, st + PG, <const float*>wp, center, gw,
-                                  st + 2 * PG + W)
+            rc = _backward_fused(<const float*>dyp, <const float*>xp, <float*>dxp, P, M, G,
+                                 Kc, Ks, nch, nrch, nblk, st, st + PG, <const float*>wp,
+                                 center, gw, st + 2 * PG + W, nthreads)
         else:
-            rc = _backward_serial(<const double*>dyp, <const double*>xp, <double*>dxp, P, M,
-                                  G, Kc, Ks, st, st + PG, <const double*>wp, center, gw,
-                                  st + 2 * PG + W)
+            rc = _backward_fused(<const double*>dyp, <const double*>xp, <double*>dxp, P, M,
+                                 G, Kc, Ks, nch, nrch, nblk, st, st + PG, <const double*>wp,
+                                 center, gw, st + 2 * PG + W, nthreads)
         if rc == 0 and dwp != NULL:
             for c in range(W):
                 _store(dwp, tw, c, gw[c])

@@ -85,6 +85,17 @@ static inline void fn_sums_f32(const float* x, Py_ssize_t n, double shift,
  * (Sterbenz) and otherwise rounds relative to the difference itself, so the centered
  * value carries ~1 ulp of its own size and the result a few ulp of |y|.  The tails and
  * the portable build compute in double. */
+#if FN_SIMD
+/* (x - hi) - lo.  The empty asm keeps x - hi as computed: the module is built with
+ * -fassociative-math (for the double reductions), which would otherwise fold hi + lo
+ * into one float and undo the split. */
+static inline __m256 fn_center8(__m256 x, __m256 hi, __m256 lo) {
+    __m256 c = _mm256_sub_ps(x, hi);
+    __asm__("" : "+x"(c));
+    return _mm256_sub_ps(c, lo);
+}
+#endif
+
 static inline void fn_split(double v, float* hi, float* lo) {
     *hi = (float)v;
     *lo = (float)(v - (double)*hi);
@@ -100,8 +111,8 @@ static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double 
     __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
     __m256 va = _mm256_set1_ps((float)a), vb = _mm256_set1_ps((float)bias);
     for (; j + 16 <= n; j += 16) {
-        __m256 c0 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl);
-        __m256 c1 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vh), vl);
+        __m256 c0 = fn_center8(_mm256_loadu_ps(x + j), vh, vl);
+        __m256 c1 = fn_center8(_mm256_loadu_ps(x + j + 8), vh, vl);
         _mm256_storeu_ps(y + j, _mm256_fmadd_ps(c0, va, vb));
         _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(c1, va, vb));
     }
@@ -122,7 +133,7 @@ static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
     fn_split(mean, &mh, &ml);
     __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml), vr = _mm256_set1_ps((float)invstd);
     for (; j + 8 <= n; j += 8) {
-        __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl), vr);
+        __m256 c = _mm256_mul_ps(fn_center8(_mm256_loadu_ps(x + j), vh, vl), vr);
         if (w != NULL && b != NULL)
             c = _mm256_fmadd_ps(c, _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j));
         else if (w != NULL)
@@ -187,7 +198,7 @@ static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssiz
     __m256 v1 = _mm256_set1_ps((float)k1), v2 = _mm256_set1_ps((float)k2);
     __m256 v3 = _mm256_set1_ps((float)(k3 + k2 * mean));
     for (; j + 8 <= n; j += 8) {
-        __m256 c = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vh), vl);
+        __m256 c = fn_center8(_mm256_loadu_ps(x + j), vh, vl);
         __m256 g = _mm256_loadu_ps(dy + j);
         if (w != NULL)
             g = _mm256_mul_ps(g, _mm256_loadu_ps(w + j));
@@ -467,6 +478,59 @@ static inline void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t
 __attribute__((optimize("fp-contract=off")))
 static double fn_muladd_rounded(double a, double b, double c) {
     return a * b + c;
+}
+
+/* Columns in float32 with split means (see fn_affine_f32):
+ * y[m, w] = ((x - mh[w]) - ml[w]) * a[w] + b[w]; the last columns (and the portable
+ * build) in double with the mean mh + ml. */
+static inline void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                    const float* mh, const float* ml, const float* a,
+                                    const float* b, float* y) {
+    Py_ssize_t m, w;
+    for (m = 0; m < rows; m++) {
+        const float* r = x + m * W;
+        float* o = y + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + 8 <= W; w += 8) {
+            __m256 c = fn_center8(_mm256_loadu_ps(r + w), _mm256_loadu_ps(mh + w),
+                                  _mm256_loadu_ps(ml + w));
+            _mm256_storeu_ps(o + w, _mm256_fmadd_ps(c, _mm256_loadu_ps(a + w),
+                                                    _mm256_loadu_ps(b + w)));
+        }
+#endif
+        for (; w < W; w++)
+            o[w] = (float)(((double)r[w] - ((double)mh[w] + (double)ml[w])) * (double)a[w]
+                           + (double)b[w]);
+    }
+}
+
+/* dx[m, w] = dy * k1[w] + ((x - mh[w]) - ml[w]) * k2[w] + k3[w], in float32 (the last
+ * columns in double). */
+static inline void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows,
+                                Py_ssize_t W, const float* mh, const float* ml,
+                                const float* k1, const float* k2, const float* k3,
+                                float* dx) {
+    Py_ssize_t m, w;
+    for (m = 0; m < rows; m++) {
+        const float* g = dy + m * W;
+        const float* r = x + m * W;
+        float* o = dx + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + 8 <= W; w += 8) {
+            __m256 c = fn_center8(_mm256_loadu_ps(r + w), _mm256_loadu_ps(mh + w),
+                                  _mm256_loadu_ps(ml + w));
+            __m256 t = _mm256_fmadd_ps(c, _mm256_loadu_ps(k2 + w), _mm256_loadu_ps(k3 + w));
+            _mm256_storeu_ps(o + w, _mm256_fmadd_ps(_mm256_loadu_ps(g + w),
+                                                    _mm256_loadu_ps(k1 + w), t));
+        }
+#endif
+        for (; w < W; w++)
+            o[w] = (float)((double)g[w] * (double)k1[w]
+                           + ((double)r[w] - ((double)mh[w] + (double)ml[w])) * (double)k2[w]
+                           + (double)k3[w]);
+    }
 }
 
 #endif

@@ -34,9 +34,9 @@ class CompiledBackend:
         self.k = kernels
         # ndarray-argument twin of seg_apply in the Cython modules (see apply_small)
         self._seg_apply_small = getattr(kernels, "seg_apply_small", None)
-        # whole passes on the calling thread (Cython modules; see train_small)
-        self._forward_small = getattr(kernels, "forward_small", None)
-        self._backward_small = getattr(kernels, "backward_small", None)
+        # whole passes in one call (Cython modules; see train_fused)
+        self._forward_fused = getattr(kernels, "forward_fused", None)
+        self._backward_fused = getattr(kernels, "backward_fused", None)
 
     # -- helpers -------------------------------------------------------------------------
     def _threads(self, size):
@@ -147,32 +147,48 @@ class CompiledBackend:
             return self.apply(x, dims, mean, invstd, weight, bias, y)
         small(x, P, M, G, Kc, Ks, mean, invstd, weight, bias, y)
 
-    def train_small(self, x, dims, weight, bias, eps, center, y, mean, invstd,
+    def _fused_split(self, dims):
+        """(nch, nrch, nblk) for the one-call passes, or None where they do not serve: few
+        large groups split into parts (the segment shape with ``_nparts`` > 1).  Work is
+        split as the general path splits it: ``nch`` row blocks of the column shape,
+        ``nrch`` x ``nblk`` chunks for the parameter gradients of row norms."""
+        if not _config.FUSED_PASSES:
+            return None
+        P, M, G, Kc, Ks = dims
+        if self._is_columns(dims):
+            return self._row_blocks(P, M, G * Kc), 1, 1
+        if self._nparts(dims) != 1:
+            return None
+        return (1, *self._row_chunks(P, Kc))
+
+    def train_fused(self, x, dims, weight, bias, eps, center, y, mean, invstd,
                     running_mean, running_var, momentum):
-        """The whole training forward of a small input in one call on the calling thread
-        (``forward_small``): y, the saved statistics into ``mean`` (None without center)
-        and ``invstd`` (flat, P*G values, any float dtype), running buffers moved towards
-        the statistics averaged over P.  Returns False, having done nothing, when the
-        input is not small or the kernel module has no such call (Numba): below
-        PARALLEL_MIN_ELEMENTS the NumPy glue of ``forward`` costs more than its
-        arithmetic (a (32, 16, 8, 8) BatchNorm: ~20 us of 30)."""
-        if self._forward_small is None or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+        """The whole training forward in one call (``forward_fused``): y, the saved
+        statistics into ``mean`` (None without center) and ``invstd`` (flat, P*G values,
+        any float dtype), running buffers moved towards the statistics averaged over P.
+        Returns False, having done nothing, where it does not serve (see _fused_split) or
+        the kernel module has no such call (Numba): the general path's NumPy glue around
+        the kernels costs more than their arithmetic below ~1M values (a (32, 16, 8, 8)
+        BatchNorm: ~20 us of 30)."""
+        split = None if self._forward_fused is None else self._fused_split(dims)
+        if split is None:
             return False
         P, M, G, Kc, Ks = dims
-        self._forward_small(x, P, M, G, Kc, Ks, weight, bias, eps, center, y, mean, invstd,
-                            running_mean, running_var, momentum)
+        self._forward_fused(x, P, M, G, Kc, Ks, split[0], weight, bias, eps, center, y,
+                            mean, invstd, running_mean, running_var, momentum,
+                            self._threads(x.size))
         return True
 
-    def backward_small(self, dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias):
-        """``backward`` of a small input in one call on the calling thread: dx and, when
-        given, the parameter gradients into ``dweight``/``dbias``; ``mean``/``invstd``
-        the saved statistics in any float dtype.  False when not taken (see
-        ``train_small``)."""
-        if self._backward_small is None or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+    def backward_fused(self, dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias):
+        """``backward`` in one call: dx and, when given, the parameter gradients into
+        ``dweight``/``dbias``; ``mean`` (None: zeros) and ``invstd`` the saved statistics
+        in any float dtype.  False when not taken (see ``train_fused``)."""
+        split = None if self._backward_fused is None else self._fused_split(dims)
+        if split is None:
             return False
         P, M, G, Kc, Ks = dims
-        self._backward_small(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx,
-                             dweight, dbias)
+        self._backward_fused(dy, x, P, M, G, Kc, Ks, *split, mean, invstd, weight, center,
+                             dx, dweight, dbias, self._threads(x.size))
         return True
 
     def apply(self, x, dims, mean, invstd, weight, bias, y):
@@ -288,14 +304,21 @@ class CompiledBackend:
         of columns, each owning its outputs (no accumulators)."""
         nt = self._threads(x.size)
         P, K = dims[0], dims[3]
-        nblk = max(1, min(_config.MAX_CHUNKS, K // _config.MIN_CHUNK_ELEMENTS))
-        nrch = max(1, min(_config.MAX_CHUNKS // nblk, _cdiv(P * K, _config.MIN_CHUNK_ELEMENTS),
-                          P, (1 << 22) // K))
+        nrch, nblk = self._row_chunks(P, K)
         dweight = np.empty(nrch * K)
         dbias = np.empty(nrch * K)
         self.k.row_param_grads(dy.reshape(-1), x.reshape(-1), P, K, nrch, nblk, mean, invstd,
                                dweight, dbias, nt)
         return dweight.reshape(nrch, K).sum(axis=0), dbias.reshape(nrch, K).sum(axis=0)
+
+    @staticmethod
+    def _row_chunks(P, K):
+        """(nrch, nblk): chunks of the P rows times blocks of the K columns for the
+        parameter gradients of row norms."""
+        nblk = max(1, min(_config.MAX_CHUNKS, K // _config.MIN_CHUNK_ELEMENTS))
+        nrch = max(1, min(_config.MAX_CHUNKS // nblk, _cdiv(P * K, _config.MIN_CHUNK_ELEMENTS),
+                          P, (1 << 22) // K))
+        return nrch, nblk
 
     @staticmethod
     def _param_grads(sdy, sdyxc, invstd, P, G, Kc):
