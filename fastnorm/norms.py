@@ -93,8 +93,8 @@ def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_v
 
 def _apply(x, dims, mean, invstd, weight, bias, out):
     y = _checks.out(out, x.shape, x.dtype)
-    k = get_kernels()  # apply_small: small inputs on this thread (compiled backends)
-    getattr(k, "apply_small", k.apply)(x, dims, mean, invstd, weight, bias, y)
+    k = get_kernels()  # apply_fused: one call (Cython)
+    getattr(k, "apply_fused", k.apply)(x, dims, mean, invstd, weight, bias, y)
     return y
 
 
@@ -169,9 +169,9 @@ def _update_running(running_mean, running_var, mean, var, n, momentum):
         running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
 
 
-def running_stats(running_mean, running_var, C, eps, mode="training=False"):
-    """Validated running buffers as float64 ``(mean, invstd)`` for normalizing with fixed
-    statistics; both buffers are required (``mode`` names the call in the error)."""
+def _check_running_pair(running_mean, running_var, C, mode):
+    """Both running buffers, validated, for normalizing with fixed statistics (``mode``
+    names the call in the error)."""
     if running_mean is not None:
         _checks.buffer(running_mean, "running_mean", (C,))
     if running_var is not None:
@@ -181,8 +181,31 @@ def running_stats(running_mean, running_var, C, eps, mode="training=False"):
                          f"{mode}, got "
                          f"running_mean={'None' if running_mean is None else 'an array'}, "
                          f"running_var={'None' if running_var is None else 'an array'}")
+
+
+def running_stats(running_mean, running_var, C, eps, mode="training=False"):
+    """Validated running buffers as float64 ``(mean, invstd)`` for normalizing with fixed
+    statistics; both buffers are required (``mode`` names the call in the error)."""
+    _check_running_pair(running_mean, running_var, C, mode)
     return (running_mean.astype(np.float64),
             _invstd(running_var.astype(np.float64), eps))
+
+
+def _eval(x, layout, C, running_mean, running_var, weight, bias, eps, out, mode):
+    """Normalization with the running statistics per channel (BatchNorm in eval,
+    InstanceNorm without input statistics): the backend's ``eval_fused`` (one call from
+    the buffers) when it has one, else the float64 statistics and ``apply``."""
+    _check_running_pair(running_mean, running_var, C, mode)
+    dims = channel_view(x, layout)[1]
+    k = get_kernels()
+    fused = getattr(k, "eval_fused", None)
+    if fused is not None:
+        y = _checks.out(out, x.shape, x.dtype)
+        if fused(x, dims, _contiguous(running_mean), _contiguous(running_var), eps, weight,
+                 bias, y):
+            return y
+    mean, invstd = running_stats(running_mean, running_var, C, eps, mode)
+    return _apply(x, dims, mean, invstd, weight, bias, out)
 
 
 def _one_value_error(x):
@@ -251,7 +274,7 @@ def batch_norm_eval_fast(x, mean, invstd, weight, bias, layout):
     cheap checks the kernels rely on are repeated; it returns None when one fails (an
     empty batch, a parameter of another dtype or not contiguous), for the caller to take
     the validated path and its error messages.  Small inputs take the backend's
-    ``apply_small`` (the calling thread, no memoryview arguments) when it has one."""
+    ``apply_fused`` (one call, no memoryview arguments) when it has one."""
     dt = x.dtype
     size = x.size
     if size == 0:
@@ -274,7 +297,7 @@ def batch_norm_eval_fast(x, mean, invstd, weight, bias, layout):
         dims = (1, size // C, C, 1, 1)
     y = np.empty(shape, dt)
     k = get_kernels()
-    getattr(k, "apply_small", k.apply)(x, dims, mean, invstd, weight, bias, y)
+    getattr(k, "apply_fused", k.apply)(x, dims, mean, invstd, weight, bias, y)
     return y
 
 
@@ -291,8 +314,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                                 running_var=running_var, momentum=momentum)[0]
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
-    mean, invstd = running_stats(running_mean, running_var, C, eps)
-    return _apply(x, channel_view(x, layout)[1], mean, invstd, weight, bias, out)
+    return _eval(x, layout, C, running_mean, running_var, weight, bias, eps, out,
+                 "training=False")
 
 
 # ------------------------------------------------------------------------ LayerNorm ----
@@ -451,9 +474,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                                    running_var=running_var, momentum=momentum)[0]
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
-    mean, invstd = running_stats(running_mean, running_var, C, eps, "use_input_stats=False")
     # Fixed statistics per channel: the same transform as BatchNorm in eval mode.
-    return _apply(x, channel_view(x, layout)[1], mean, invstd, weight, bias, None)
+    return _eval(x, layout, C, running_mean, running_var, weight, bias, eps, None,
+                 "use_input_stats=False")
 
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", param_grads=None):

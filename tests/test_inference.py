@@ -493,8 +493,8 @@ def test_kernels_release_the_gil():
     xi = np.random.default_rng(0).standard_normal((4, 64, 64, 64)).astype(np.float32)
     cols = np.empty(4 * 64 * 9 * 64 * 64, np.float32)
     calls = {
-        "seg_apply_small": lambda: k.seg_apply_small(x, 1, 1, 4, 1, x.size // 4, mean,
-                                                     invstd, w, w, y),
+        "apply_fused": lambda: k.apply_fused(x, 1, 1, 4, 1, x.size // 4, 1, mean, invstd,
+                                             None, 0.0, w, w, y, 1),
         "im2col": lambda: infer.im2col(xi, cols, (3, 3), (1, 1), (1, 1), False),
         "max_pool": lambda: infer.max_pool(xi, cols[:xi.size].reshape(xi.shape), (3, 3),
                                            (1, 1), (1, 1), False),

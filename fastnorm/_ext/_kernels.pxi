@@ -866,10 +866,9 @@ def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
 
 
 # ----------------------------------------------------------------------------------------
-# seg_apply for small inputs on the calling thread (the eval path of one request): the
-# same per-value arithmetic (_item_apply, one part per group), with ndarray arguments
-# checked here.  Acquiring a typed memoryview costs ~0.17 us per argument, and the seven
-# of seg_apply cost more than applying a BatchNorm to a (1, 16, 8, 8) input.
+# Entry points with ndarray arguments checked here (the one-call passes below): acquiring
+# a typed memoryview costs ~0.17 us per argument, more than applying a BatchNorm to a
+# (1, 16, 8, 8) input.
 # ----------------------------------------------------------------------------------------
 cimport numpy as cnp
 
@@ -895,53 +894,6 @@ cdef inline const void* _small_ptr(object a, int typenum, Py_ssize_t needed, str
         raise ValueError(f"{name}: expected at least {needed} values, got "
                          f"{cnp.PyArray_SIZE(arr)}")
     return cnp.PyArray_DATA(arr)
-
-
-cdef void _seg_apply_serial(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
-                            Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, const double* mean,
-                            const double* invstd, const floating* wp,
-                            const floating* bp) noexcept nogil:
-    cdef Py_ssize_t L = Kc * Ks
-    cdef Py_ssize_t rowstride = G * L
-    cdef Py_ssize_t n = M * L
-    cdef Py_ssize_t u, p, g
-    for u in range(P * G):
-        p = u // G
-        g = u - p * G
-        _item_apply(xp, yp, p * M * rowstride + g * L, rowstride, L, Ks, 0, n, mean[u],
-                    invstd[u], wp, bp, g * Kc)
-
-
-def seg_apply_small(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                    Py_ssize_t Ks, mean, invstd, weight, bias, y):
-    """seg_apply on the calling thread (GIL released), for small inputs: ndarrays x and
-    y (float32/float64, C-contiguous), mean/invstd float64, weight/bias None or x's
-    dtype.  Results are those of seg_apply."""
-    if not cnp.PyArray_Check(x):
-        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    cdef Py_ssize_t total = P * M * G * Kc * Ks
-    if P < 0 or M < 0 or G < 0 or Kc < 0 or Ks < 0:
-        raise ValueError("expected non-negative dimensions")
-    cdef const void* xp = _small_ptr(x, t, total, "x", False, False)
-    cdef void* yp = <void*>_small_ptr(y, t, total, "y", False, True)
-    cdef const double* mp = <const double*>_small_ptr(mean, cnp.NPY_FLOAT64, P * G, "mean",
-                                                      False, False)
-    cdef const double* rp = <const double*>_small_ptr(invstd, cnp.NPY_FLOAT64, P * G,
-                                                      "invstd", False, False)
-    cdef const void* wp = _small_ptr(weight, t, G * Kc, "weight", True, False)
-    cdef const void* bp = _small_ptr(bias, t, G * Kc, "bias", True, False)
-    if total == 0:
-        return
-    with nogil:
-        if t == cnp.NPY_FLOAT32:
-            _seg_apply_serial(<const float*>xp, <float*>yp, P, M, G, Kc, Ks, mp, rp,
-                              <const float*>wp, <const float*>bp)
-        else:
-            _seg_apply_serial(<const double*>xp, <double*>yp, P, M, G, Kc, Ks, mp, rp,
-                              <const double*>wp, <const double*>bp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -999,6 +951,57 @@ cdef inline void _blend(void* buf, int t, Py_ssize_t i, double momentum,
                                               (1.0 - momentum) * (<double*>buf)[i])
 
 
+cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
+                          Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t nch, const double* mean,
+                          const double* invstd, const floating* wp, const floating* bp,
+                          int nt) noexcept nogil:
+    """The column shape: y = (x - mean) * invstd * weight + bias with statistics per
+    (p, group), parallel over ``nch`` row blocks per p (float32 in float32 with split
+    means).  -1 when out of memory."""
+    cdef Py_ssize_t W = G * Kc
+    cdef Py_ssize_t it, p, c, ci, m0, m1
+    cdef double mu, a, bias
+    cdef double* co = <double*>malloc(2 * P * W * sizeof(double))  # alpha, beta
+    cdef float* fw = NULL  # float32: mean hi, lo, alpha, bias per (p, column)
+    if co == NULL:
+        return -1
+    if floating is float:
+        fw = <float*>malloc(4 * P * W * sizeof(float))
+        if fw == NULL:
+            free(co)
+            return -1
+    for p in range(P):
+        for c in range(W):
+            ci = p * W + c
+            mu = mean[p * G + c // Kc]
+            a = invstd[p * G + c // Kc]
+            if wp != NULL:
+                a = a * <double>wp[c]
+            bias = <double>bp[c] if bp != NULL else 0.0
+            co[ci] = a
+            co[P * W + ci] = -mu * a + bias
+            if floating is float:
+                fn_split(mu, fw + ci, fw + P * W + ci)
+                fw[2 * P * W + ci] = <float>a
+                fw[3 * P * W + ci] = <float>bias
+    for it in prange(P * nch, schedule='static', num_threads=nt):
+        p = it // nch
+        c = it - p * nch
+        m0 = M * c // nch
+        m1 = M * (c + 1) // nch
+        if floating is float:
+            fn_col_affine_ps(xp + (p * M + m0) * W, m1 - m0, W, fw + p * W,
+                             fw + P * W + p * W, fw + 2 * P * W + p * W,
+                             fw + 3 * P * W + p * W, yp + (p * M + m0) * W)
+        else:
+            _col_apply_block(xp + p * M * W, m0, m1, W, co + p * W, co + P * W + p * W,
+                             yp + p * M * W)
+    free(co)
+    if fw != NULL:
+        free(fw)
+    return 0
+
+
 cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
                       Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t nch, const floating* wp,
                       const floating* bp, double eps, bint center, double* mean,
@@ -1008,23 +1011,17 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
     cdef Py_ssize_t W = G * Kc
     cdef Py_ssize_t nb = P * nch
     cdef Py_ssize_t n = M * Kc
-    cdef Py_ssize_t it, p, c, g, kc, u, ci, m0, m1
-    cdef double S1, S2, d, v, mu, r, a, bias
-    # per block: s1, s2 (W each); per (p, column): shift, alpha, beta
-    cdef double* work = <double*>malloc((2 * nb * W + 3 * P * W) * sizeof(double))
-    cdef float* fw = NULL  # float32 columns: mean hi, lo, alpha, bias per (p, column)
+    cdef Py_ssize_t it, p, c, g, kc, u
+    cdef double S1, S2, d, v, mu
+    cdef int rc
+    # per block: s1, s2 (W each); per (p, column): shift; per (p, group): invstd
+    cdef double* work = <double*>malloc((2 * nb * W + P * W + P * G) * sizeof(double))
     if work == NULL:
         return -1
-    if floating is float:
-        fw = <float*>malloc(4 * P * W * sizeof(float))
-        if fw == NULL:
-            free(work)
-            return -1
     cdef double* s1 = work
     cdef double* s2 = work + nb * W
     cdef double* sh = work + 2 * nb * W
-    cdef double* al = sh + P * W
-    cdef double* be = al + P * W
+    cdef double* r = sh + P * W
     for p in range(P):
         for c in range(W):  # each group's first value (row 0, its first channel)
             sh[p * W + c] = <double>xp[p * M * W + (c // Kc) * Kc] if center else 0.0
@@ -1053,33 +1050,10 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
             u = p * G + g
             mean[u] = mu
             var[u] = v
-            r = 1.0 / sqrt(v + eps)
-            for kc in range(Kc):
-                ci = p * W + g * Kc + kc
-                a = r * <double>wp[g * Kc + kc] if wp != NULL else r
-                bias = <double>bp[g * Kc + kc] if bp != NULL else 0.0
-                al[ci] = a
-                be[ci] = -mu * a + bias
-                if floating is float:
-                    fn_split(mu, fw + ci, fw + P * W + ci)
-                    fw[2 * P * W + ci] = <float>a
-                    fw[3 * P * W + ci] = <float>bias
-    for it in prange(nb, schedule='static', num_threads=nt):
-        p = it // nch
-        c = it - p * nch
-        m0 = M * c // nch
-        m1 = M * (c + 1) // nch
-        if floating is float:
-            fn_col_affine_ps(xp + (p * M + m0) * W, m1 - m0, W, fw + p * W,
-                             fw + P * W + p * W, fw + 2 * P * W + p * W,
-                             fw + 3 * P * W + p * W, yp + (p * M + m0) * W)
-        else:
-            _col_apply_block(xp + p * M * W, m0, m1, W, al + p * W, be + p * W,
-                             yp + p * M * W)
+            r[u] = 1.0 / sqrt(v + eps)
+    rc = _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, r, wp, bp, nt)
     free(work)
-    if fw != NULL:
-        free(fw)
-    return 0
+    return rc
 
 
 cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
@@ -1357,6 +1331,66 @@ def backward_fused(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t K
             for c in range(W):
                 _store(dwp, tw, c, gw[c])
                 _store(dbp, tb, c, gw[W + c])
+    free(st)
+    if rc != 0:
+        raise MemoryError()
+
+
+cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
+                     Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nch,
+                     const double* mean, const double* invstd, const floating* wp,
+                     const floating* bp, int nt) noexcept nogil:
+    cdef Py_ssize_t L = Kc * Ks
+    cdef Py_ssize_t u, p, g
+    if Ks == 1 and M > 1:
+        return _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, invstd, wp, bp, nt)
+    for u in prange(P * G, schedule='static', num_threads=nt):
+        p = u // G
+        g = u - p * G
+        _item_apply(xp, yp, p * M * G * L + g * L, G * L, L, Ks, 0, M * L, mean[u],
+                    invstd[u], wp, bp, g * Kc)
+    return 0
+
+
+def apply_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                Py_ssize_t Ks, Py_ssize_t nch, mean, invstd, var, double eps, weight, bias,
+                y, int nthreads):
+    """y = (x - mean) * invstd * weight + bias in one call (GIL released), with the
+    statistics given as ``invstd`` or, when it is None, as ``var`` (invstd = 1/sqrt(var +
+    eps): running buffers); P*G values each, either float dtype.  The column shape in
+    ``nch`` row blocks per p."""
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    if P < 1 or M < 1 or G < 1 or Kc < 1 or Ks < 1 or nch < 1 or nch > M or nthreads < 1:
+        raise ValueError("expected positive dimensions, 1 <= nch <= M and nthreads >= 1")
+    cdef Py_ssize_t total = P * M * G * Kc * Ks
+    cdef Py_ssize_t PG = P * G
+    cdef int tm, ts, rc = 0
+    cdef bint from_var = invstd is None
+    cdef const void* xp = _small_ptr(x, t, total, "x", False, False)
+    cdef void* yp = <void*>_small_ptr(y, t, total, "y", False, True)
+    cdef const void* wp = _small_ptr(weight, t, G * Kc, "weight", True, False)
+    cdef const void* bp = _small_ptr(bias, t, G * Kc, "bias", True, False)
+    cdef const void* mp = _float_ptr(mean, PG, "mean", False, False, &tm)
+    cdef const void* sp = _float_ptr(var if from_var else invstd, PG,
+                                     "var" if from_var else "invstd", False, False, &ts)
+    cdef double* st = <double*>malloc(2 * PG * sizeof(double))
+    if st == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t u
+    with nogil:
+        for u in range(PG):
+            st[u] = _load(mp, tm, u)
+            st[PG + u] = 1.0 / sqrt(_load(sp, ts, u) + eps) if from_var else _load(sp, ts, u)
+        if t == cnp.NPY_FLOAT32:
+            rc = _eval_fused(<const float*>xp, <float*>yp, P, M, G, Kc, Ks, nch, st, st + PG,
+                             <const float*>wp, <const float*>bp, nthreads)
+        else:
+            rc = _eval_fused(<const double*>xp, <double*>yp, P, M, G, Kc, Ks, nch, st,
+                             st + PG, <const double*>wp, <const double*>bp, nthreads)
     free(st)
     if rc != 0:
         raise MemoryError()

@@ -32,11 +32,10 @@ class CompiledBackend:
     def __init__(self, name, kernels):
         self.name = name
         self.k = kernels
-        # ndarray-argument twin of seg_apply in the Cython modules (see apply_small)
-        self._seg_apply_small = getattr(kernels, "seg_apply_small", None)
         # whole passes in one call (Cython modules; see train_fused)
         self._forward_fused = getattr(kernels, "forward_fused", None)
         self._backward_fused = getattr(kernels, "backward_fused", None)
+        self._apply_fused = getattr(kernels, "apply_fused", None)
 
     # -- helpers -------------------------------------------------------------------------
     def _threads(self, size):
@@ -135,17 +134,17 @@ class CompiledBackend:
             b = b + bias.astype(np.float64).reshape(1, G, Kc)
         return np.ascontiguousarray(a, np.float64).reshape(-1), np.ascontiguousarray(b).reshape(-1)
 
-    def apply_small(self, x, dims, mean, invstd, weight, bias, y):
-        """``apply`` for the eval path of one request: a small segment-shaped input runs
-        on the calling thread through ``seg_apply_small`` (same arithmetic, ndarray
-        arguments: 0.4 us instead of 2.5 us for a (1, 16, 8, 8) BatchNorm); anything else,
-        or a kernel module without it, through ``apply``.  ``mean``/``invstd`` float64
-        and C-contiguous, as ``apply`` gets them."""
-        small = self._seg_apply_small
-        P, M, G, Kc, Ks = dims
-        if small is None or (Ks == 1 and M > 1) or x.size >= _config.PARALLEL_MIN_ELEMENTS:
+    def apply_fused(self, x, dims, mean, invstd, weight, bias, y):
+        """``apply`` in one call where the backend has ``apply_fused`` (the eval paths:
+        no NumPy steps, no memoryview arguments; 0.4 us instead of 2.5 us for a
+        (1, 16, 8, 8) BatchNorm), else ``apply``.  ``mean``/``invstd`` any float dtype,
+        P*G values."""
+        split = None if self._apply_fused is None else self._fused_split(dims)
+        if split is None:
             return self.apply(x, dims, mean, invstd, weight, bias, y)
-        small(x, P, M, G, Kc, Ks, mean, invstd, weight, bias, y)
+        P, M, G, Kc, Ks = dims
+        self._apply_fused(x, P, M, G, Kc, Ks, split[0], mean, invstd, None, 0.0, weight,
+                          bias, y, self._threads(x.size))
 
     def _fused_split(self, dims):
         """(nch, nrch, nblk) for the one-call passes, or None where they do not serve: few
@@ -177,6 +176,18 @@ class CompiledBackend:
         self._forward_fused(x, P, M, G, Kc, Ks, split[0], weight, bias, eps, center, y,
                             mean, invstd, running_mean, running_var, momentum,
                             self._threads(x.size))
+        return True
+
+    def eval_fused(self, x, dims, mean, var, eps, weight, bias, y):
+        """y = (x - mean) / sqrt(var + eps) * weight + bias from running statistics
+        (P*G values each, any float dtype) in one call (``apply_fused``).  False when not
+        taken (see ``train_fused``)."""
+        split = None if self._apply_fused is None else self._fused_split(dims)
+        if split is None:
+            return False
+        P, M, G, Kc, Ks = dims
+        self._apply_fused(x, P, M, G, Kc, Ks, split[0], mean, None, var, eps, weight, bias,
+                          y, self._threads(x.size))
         return True
 
     def backward_fused(self, dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias):
