@@ -4,7 +4,7 @@ Every ``fastnorm/_ext/*.pyx`` becomes an extension module: adding a kernel file 
 no change here.  Flags (measured on the target machines, see the developer notes):
 ``-O3 -fopenmp`` plus the reassociation flags that let gcc vectorize float64
 reductions without ``-ffast-math`` (which would set flush-to-zero for the whole
-process and drop NaN checks).  ``*_avx2.pyx`` modules also get ``-mavx2 -mfma`` and
+process and drop NaN checks), and ``-fno-math-errno`` so that loops of sqrt vectorize.  ``*_avx2.pyx`` modules also get ``-mavx2 -mfma`` and
 are loaded only on CPUs that have them.  ``FASTNORM_NATIVE=1`` adds ``-march=native``
 (not portable).
 """
@@ -16,7 +16,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 compile_args = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros",
-                "-fno-trapping-math"]
+                "-fno-trapping-math", "-fno-math-errno"]
 if os.environ.get("FASTNORM_NATIVE", "") not in ("", "0"):
     compile_args.append("-march=native")
 

@@ -1005,7 +1005,7 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
 cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
                       Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t nch, const floating* wp,
                       const floating* bp, double eps, bint center, double* mean,
-                      double* var, int nt) noexcept nogil:
+                      double* var, double* r, int nt) noexcept nogil:
     """The column shape: block sums (parallel), merged per group in block order, then
     the affine (parallel).  -1 when out of memory."""
     cdef Py_ssize_t W = G * Kc
@@ -1014,14 +1014,13 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
     cdef Py_ssize_t it, p, c, g, kc, u
     cdef double S1, S2, d, v, mu
     cdef int rc
-    # per block: s1, s2 (W each); per (p, column): shift; per (p, group): invstd
-    cdef double* work = <double*>malloc((2 * nb * W + P * W + P * G) * sizeof(double))
+    # per block: s1, s2 (W each); per (p, column): shift
+    cdef double* work = <double*>malloc((2 * nb * W + P * W) * sizeof(double))
     if work == NULL:
         return -1
     cdef double* s1 = work
     cdef double* s2 = work + nb * W
     cdef double* sh = work + 2 * nb * W
-    cdef double* r = sh + P * W
     for p in range(P):
         for c in range(W):  # each group's first value (row 0, its first channel)
             sh[p * W + c] = <double>xp[p * M * W + (c // Kc) * Kc] if center else 0.0
@@ -1050,7 +1049,8 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
             u = p * G + g
             mean[u] = mu
             var[u] = v
-            r[u] = 1.0 / sqrt(v + eps)
+    for u in range(P * G):  # a loop of its own: vectorized
+        r[u] = 1.0 / sqrt(var[u] + eps)
     rc = _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, r, wp, bp, nt)
     free(work)
     return rc
@@ -1059,13 +1059,16 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
 cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
                         Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nch,
                         const floating* wp, const floating* bp, double eps, bint center,
-                        double* mean, double* var, int nt) noexcept nogil:
-    """Statistics per group into mean/var and y; -1 when out of memory."""
+                        double* mean, double* var, double* invstd, int nt) noexcept nogil:
+    """Statistics per group into mean/var/invstd and y; -1 when out of memory."""
     cdef Py_ssize_t u
     if Ks == 1 and M > 1:
-        return _col_forward(xp, yp, P, M, G, Kc, nch, wp, bp, eps, center, mean, var, nt)
+        return _col_forward(xp, yp, P, M, G, Kc, nch, wp, bp, eps, center, mean, var,
+                            invstd, nt)
     for u in prange(P * G, schedule='static', num_threads=nt):  # segments, fused per group
         _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
+    for u in range(P * G):
+        invstd[u] = 1.0 / sqrt(var[u] + eps)
     return 0
 
 
@@ -1096,7 +1099,7 @@ def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
     cdef void* io = <void*>_float_ptr(invstd_out, PG, "invstd_out", False, True, &ti)
     cdef void* rm = <void*>_float_ptr(running_mean, G, "running_mean", True, True, &trm)
     cdef void* rv = <void*>_float_ptr(running_var, G, "running_var", True, True, &trv)
-    cdef double* st = <double*>malloc(2 * PG * sizeof(double))
+    cdef double* st = <double*>malloc(3 * PG * sizeof(double))  # mean, var, invstd
     if st == NULL:
         raise MemoryError()
     cdef Py_ssize_t u, g, p
@@ -1106,16 +1109,16 @@ def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
         if t == cnp.NPY_FLOAT32:
             rc = _forward_fused(<const float*>xp, <float*>yp, P, M, G, Kc, Ks, nch,
                                 <const float*>wp, <const float*>bp, eps, center, st,
-                                st + PG, nthreads)
+                                st + PG, st + 2 * PG, nthreads)
         else:
             rc = _forward_fused(<const double*>xp, <double*>yp, P, M, G, Kc, Ks, nch,
                                 <const double*>wp, <const double*>bp, eps, center, st,
-                                st + PG, nthreads)
+                                st + PG, st + 2 * PG, nthreads)
         if rc == 0:
             for u in range(PG):
                 if mo != NULL:
                     _store(mo, tm, u, st[u])
-                _store(io, ti, u, 1.0 / sqrt(st[PG + u] + eps))
+                _store(io, ti, u, st[2 * PG + u])
             if rm != NULL or rv != NULL:
                 for g in range(G):
                     sm = 0.0
