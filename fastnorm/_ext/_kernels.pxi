@@ -53,6 +53,8 @@ cdef extern from "_simd.h" nogil:
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
                    double k2, double k3, double mean, const float* w)
     double fn_muladd_rounded(double a, double b, double c)
+    void fn_gsums_w_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
+                        double mean, double* A, double* B)
     void fn_split(double v, float* hi, float* lo)
     void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W, const float* mh,
                           const float* ml, const float* a, const float* b, float* y)
@@ -296,6 +298,11 @@ cdef inline Sums _grad_sums_values(const floating* dy, const floating* x, Py_ssi
     cdef Sums s
     cdef Py_ssize_t j
     cdef double A = 0.0, B = 0.0, d, xc, w
+    if floating is float:
+        if sdy == NULL:
+            fn_gsums_w_f32(dy + j0, x + j0, weight + j0 if weight != NULL else NULL,
+                           j1 - j0, mean, &s.a, &s.b)
+            return s
     if weight == NULL and sdy == NULL:
         for j in range(j0, j1):
             d = <double>dy[j]
@@ -1258,7 +1265,8 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
         for c in range(Kc):
             dw[c] = 0.0
             db[c] = 0.0
-            for ch in range(nrch):
+        for ch in range(nrch):  # chunk by chunk: the same order per value, contiguous
+            for c in range(Kc):
                 dw[c] += work[ch * Kc + c]
                 db[c] += work[(nrch + ch) * Kc + c]
         free(work)

@@ -32,6 +32,7 @@ typedef __m256d fn_vd;
 #define FN_STD(p, v) _mm256_storeu_pd((p), (v))
 #define FN_ADD _mm256_add_pd
 #define FN_SUB _mm256_sub_pd
+#define FN_MUL _mm256_mul_pd
 #define FN_FMA _mm256_fmadd_pd
 #define FN_SET1 _mm256_set1_pd
 #define FN_ZERO _mm256_setzero_pd
@@ -531,6 +532,52 @@ static inline void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows
                            + ((double)r[w] - ((double)mh[w] + (double)ml[w])) * (double)k2[w]
                            + (double)k3[w]);
     }
+}
+
+/* One weight per value (LayerNorm): A = sum(g), B = sum(g * (x - mean)) with
+ * g = dy * w[j] (w NULL: g = dy).  g and the centered x are formed in float32 (a product,
+ * and a difference with the split mean: no cancellation), the sums in double. */
+static inline void fn_gsums_w_f32(const float* dy, const float* x, const float* w,
+                                  Py_ssize_t n, double mean, double* A, double* B) {
+    double a = 0.0, b = 0.0, g;
+    Py_ssize_t j = 0;
+#if FN_SIMD
+    if (n >= 16) {
+        float mh, ml;
+        fn_split(mean, &mh, &ml);
+        __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
+        __m256d z = _mm256_setzero_pd();
+        __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
+        for (; j + 16 <= n; j += 16) {
+            __m256 g0 = _mm256_loadu_ps(dy + j), g1 = _mm256_loadu_ps(dy + j + 8);
+            if (w != NULL) {
+                g0 = _mm256_mul_ps(g0, _mm256_loadu_ps(w + j));
+                g1 = _mm256_mul_ps(g1, _mm256_loadu_ps(w + j + 8));
+            }
+            __m256 p0 = _mm256_mul_ps(g0, fn_center8(_mm256_loadu_ps(x + j), vh, vl));
+            __m256 p1 = _mm256_mul_ps(g1, fn_center8(_mm256_loadu_ps(x + j + 8), vh, vl));
+            a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(g0)));
+            a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(g0, 1)));
+            a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(g1)));
+            a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(g1, 1)));
+            b0 = _mm256_add_pd(b0, _mm256_cvtps_pd(_mm256_castps256_ps128(p0)));
+            b1 = _mm256_add_pd(b1, _mm256_cvtps_pd(_mm256_extractf128_ps(p0, 1)));
+            b2 = _mm256_add_pd(b2, _mm256_cvtps_pd(_mm256_castps256_ps128(p1)));
+            b3 = _mm256_add_pd(b3, _mm256_cvtps_pd(_mm256_extractf128_ps(p1, 1)));
+        }
+        a = fn_hsum(a0, a1, a2, a3);
+        b = fn_hsum(b0, b1, b2, b3);
+    }
+#endif
+    for (; j < n; j++) {
+        g = (double)dy[j];
+        if (w != NULL)
+            g *= (double)w[j];
+        a += g;
+        b += g * ((double)x[j] - mean);
+    }
+    *A = a;
+    *B = b;
 }
 
 #endif

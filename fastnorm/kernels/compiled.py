@@ -158,7 +158,10 @@ class CompiledBackend:
             return self._row_blocks(P, M, G * Kc), 1, 1
         if self._nparts(dims) != 1:
             return None
-        return (1, *self._row_chunks(P, Kc))
+        nrch, nblk = self._row_chunks(P, Kc)
+        if nblk > 1:  # long rows: the general path (a work row per chunk: measured faster)
+            return None
+        return 1, nrch, nblk
 
     def train_fused(self, x, dims, weight, bias, eps, center, y, mean, invstd,
                     running_mean, running_var, momentum):
