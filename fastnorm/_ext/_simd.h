@@ -215,129 +215,208 @@ static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssiz
 }
 
 /* Columns: x is rows x W (row stride W).  s1[w] = sum_m (x[m, w] - shift[w]), s2 the
- * squares, over the rows (written, not accumulated).  Strips of 4 vectors of columns keep
- * their 8 accumulators in registers over all rows; then single vectors of columns, 4
- * rows a step into 4 accumulators; then the last columns one at a time. */
-static inline void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
-                                   const double* shift, double* s1, double* s2) {
-    Py_ssize_t w = 0, m;
+ * squares, over the rows (written).  The rows go in chunks of ~16 KB (L1); within a
+ * chunk, strips of 4 vectors of columns keep their 8 accumulators in registers, then
+ * single vectors of columns, then the last columns one at a time; the accumulators
+ * carry over from chunk to chunk through s1/s2.  Each column is summed over the rows in
+ * order whatever the chunk or strip.  (Strips over all the rows at once read a wide x
+ * column-wise, a cache line per row per strip, and wait on memory.) */
+#define FN_CHUNK_ROWS(W) ((W) * 4 >= 4096 ? 4 : 16384 / ((W) * 4))
+
+static inline void fn_col_sums_strips(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                      const double* shift, double* s1, double* s2) {
+    Py_ssize_t w, m, m0, m1, chunk = FN_CHUNK_ROWS(W);
+    for (w = 0; w < W; w++) {
+        s1[w] = 0.0;
+        s2[w] = 0.0;
+    }
+    for (m0 = 0; m0 < rows; m0 = m1) {
+        m1 = m0 + chunk < rows ? m0 + chunk : rows;
+        w = 0;
 #if FN_SIMD
-    for (; w + 4 * FN_VW <= W; w += 4 * FN_VW) {
-        fn_vd h0 = FN_LDD(shift + w), h1 = FN_LDD(shift + w + FN_VW);
-        fn_vd h2 = FN_LDD(shift + w + 2 * FN_VW), h3 = FN_LDD(shift + w + 3 * FN_VW);
-        fn_vd z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        for (m = 0; m < rows; m++) {
-            const float* r = x + m * W + w;
-            fn_vd d0 = FN_SUB(FN_LD(r), h0), d1 = FN_SUB(FN_LD(r + FN_VW), h1);
-            fn_vd d2 = FN_SUB(FN_LD(r + 2 * FN_VW), h2), d3 = FN_SUB(FN_LD(r + 3 * FN_VW), h3);
-            a0 = FN_ADD(a0, d0); a1 = FN_ADD(a1, d1);
-            a2 = FN_ADD(a2, d2); a3 = FN_ADD(a3, d3);
-            b0 = FN_FMA(d0, d0, b0); b1 = FN_FMA(d1, d1, b1);
-            b2 = FN_FMA(d2, d2, b2); b3 = FN_FMA(d3, d3, b3);
+        for (; w + 4 * FN_VW <= W; w += 4 * FN_VW) {
+            fn_vd h0 = FN_LDD(shift + w), h1 = FN_LDD(shift + w + FN_VW);
+            fn_vd h2 = FN_LDD(shift + w + 2 * FN_VW), h3 = FN_LDD(shift + w + 3 * FN_VW);
+            fn_vd a0 = FN_LDD(s1 + w), a1 = FN_LDD(s1 + w + FN_VW);
+            fn_vd a2 = FN_LDD(s1 + w + 2 * FN_VW), a3 = FN_LDD(s1 + w + 3 * FN_VW);
+            fn_vd b0 = FN_LDD(s2 + w), b1 = FN_LDD(s2 + w + FN_VW);
+            fn_vd b2 = FN_LDD(s2 + w + 2 * FN_VW), b3 = FN_LDD(s2 + w + 3 * FN_VW);
+            for (m = m0; m < m1; m++) {
+                const float* r = x + m * W + w;
+                fn_vd d0 = FN_SUB(FN_LD(r), h0), d1 = FN_SUB(FN_LD(r + FN_VW), h1);
+                fn_vd d2 = FN_SUB(FN_LD(r + 2 * FN_VW), h2), d3 = FN_SUB(FN_LD(r + 3 * FN_VW), h3);
+                a0 = FN_ADD(a0, d0); a1 = FN_ADD(a1, d1);
+                a2 = FN_ADD(a2, d2); a3 = FN_ADD(a3, d3);
+                b0 = FN_FMA(d0, d0, b0); b1 = FN_FMA(d1, d1, b1);
+                b2 = FN_FMA(d2, d2, b2); b3 = FN_FMA(d3, d3, b3);
+            }
+            FN_STD(s1 + w, a0); FN_STD(s1 + w + FN_VW, a1);
+            FN_STD(s1 + w + 2 * FN_VW, a2); FN_STD(s1 + w + 3 * FN_VW, a3);
+            FN_STD(s2 + w, b0); FN_STD(s2 + w + FN_VW, b1);
+            FN_STD(s2 + w + 2 * FN_VW, b2); FN_STD(s2 + w + 3 * FN_VW, b3);
         }
-        FN_STD(s1 + w, a0); FN_STD(s1 + w + FN_VW, a1);
-        FN_STD(s1 + w + 2 * FN_VW, a2); FN_STD(s1 + w + 3 * FN_VW, a3);
-        FN_STD(s2 + w, b0); FN_STD(s2 + w + FN_VW, b1);
-        FN_STD(s2 + w + 2 * FN_VW, b2); FN_STD(s2 + w + 3 * FN_VW, b3);
-    }
-    for (; w + FN_VW <= W; w += FN_VW) {  /* one vector of columns, 4 rows a step */
-        fn_vd h = FN_LDD(shift + w), z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        const float* r = x + w;
-        for (m = 0; m + 4 <= rows; m += 4, r += 4 * W) {
-            fn_vd d0 = FN_SUB(FN_LD(r), h), d1 = FN_SUB(FN_LD(r + W), h);
-            fn_vd d2 = FN_SUB(FN_LD(r + 2 * W), h), d3 = FN_SUB(FN_LD(r + 3 * W), h);
-            a0 = FN_ADD(a0, d0); a1 = FN_ADD(a1, d1);
-            a2 = FN_ADD(a2, d2); a3 = FN_ADD(a3, d3);
-            b0 = FN_FMA(d0, d0, b0); b1 = FN_FMA(d1, d1, b1);
-            b2 = FN_FMA(d2, d2, b2); b3 = FN_FMA(d3, d3, b3);
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd h = FN_LDD(shift + w), a0 = FN_LDD(s1 + w), b0 = FN_LDD(s2 + w);
+            for (m = m0; m < m1; m++) {
+                fn_vd d0 = FN_SUB(FN_LD(x + m * W + w), h);
+                a0 = FN_ADD(a0, d0);
+                b0 = FN_FMA(d0, d0, b0);
+            }
+            FN_STD(s1 + w, a0);
+            FN_STD(s2 + w, b0);
         }
-        a0 = FN_ADD(FN_ADD(a0, a1), FN_ADD(a2, a3));
-        b0 = FN_ADD(FN_ADD(b0, b1), FN_ADD(b2, b3));
-        for (; m < rows; m++, r += W) {
-            fn_vd d0 = FN_SUB(FN_LD(r), h);
-            a0 = FN_ADD(a0, d0);
-            b0 = FN_FMA(d0, d0, b0);
-        }
-        FN_STD(s1 + w, a0);
-        FN_STD(s2 + w, b0);
-    }
 #endif
-    for (; w < W; w++) {
-        double a = 0.0, b = 0.0, d;
-        for (m = 0; m < rows; m++) {
-            d = (double)x[m * W + w] - shift[w];
-            a += d;
-            b += d * d;
+        for (; w < W; w++) {
+            double a = s1[w], b = s2[w], d;
+            for (m = m0; m < m1; m++) {
+                d = (double)x[m * W + w] - shift[w];
+                a += d;
+                b += d * d;
+            }
+            s1[w] = a;
+            s2[w] = b;
         }
-        s1[w] = a;
-        s2[w] = b;
     }
 }
 
-/* Columns: sdy[w] = sum_m dy[m, w], sdyxc[w] = sum_m dy * (x - mean[w]) (written). */
+/* Columns: sdy[w] = sum_m dy[m, w], sdyxc[w] = sum_m dy * (x - mean[w]) (written), in
+ * row chunks as fn_col_sums_strips. */
+static inline void fn_col_gsums_strips(const float* dy, const float* x, Py_ssize_t rows,
+                                       Py_ssize_t W, const double* mean, double* sdy,
+                                       double* sdyxc) {
+    Py_ssize_t w, m, m0, m1, chunk = FN_CHUNK_ROWS(W);
+    for (w = 0; w < W; w++) {
+        sdy[w] = 0.0;
+        sdyxc[w] = 0.0;
+    }
+    for (m0 = 0; m0 < rows; m0 = m1) {
+        m1 = m0 + chunk < rows ? m0 + chunk : rows;
+        w = 0;
+#if FN_SIMD
+        for (; w + 4 * FN_VW <= W; w += 4 * FN_VW) {
+            fn_vd h0 = FN_LDD(mean + w), h1 = FN_LDD(mean + w + FN_VW);
+            fn_vd h2 = FN_LDD(mean + w + 2 * FN_VW), h3 = FN_LDD(mean + w + 3 * FN_VW);
+            fn_vd a0 = FN_LDD(sdy + w), a1 = FN_LDD(sdy + w + FN_VW);
+            fn_vd a2 = FN_LDD(sdy + w + 2 * FN_VW), a3 = FN_LDD(sdy + w + 3 * FN_VW);
+            fn_vd b0 = FN_LDD(sdyxc + w), b1 = FN_LDD(sdyxc + w + FN_VW);
+            fn_vd b2 = FN_LDD(sdyxc + w + 2 * FN_VW), b3 = FN_LDD(sdyxc + w + 3 * FN_VW);
+            for (m = m0; m < m1; m++) {
+                const float* g = dy + m * W + w;
+                const float* r = x + m * W + w;
+                fn_vd g0 = FN_LD(g), g1 = FN_LD(g + FN_VW), g2 = FN_LD(g + 2 * FN_VW), g3 = FN_LD(g + 3 * FN_VW);
+                a0 = FN_ADD(a0, g0); a1 = FN_ADD(a1, g1);
+                a2 = FN_ADD(a2, g2); a3 = FN_ADD(a3, g3);
+                b0 = FN_FMA(g0, FN_SUB(FN_LD(r), h0), b0);
+                b1 = FN_FMA(g1, FN_SUB(FN_LD(r + FN_VW), h1), b1);
+                b2 = FN_FMA(g2, FN_SUB(FN_LD(r + 2 * FN_VW), h2), b2);
+                b3 = FN_FMA(g3, FN_SUB(FN_LD(r + 3 * FN_VW), h3), b3);
+            }
+            FN_STD(sdy + w, a0); FN_STD(sdy + w + FN_VW, a1);
+            FN_STD(sdy + w + 2 * FN_VW, a2); FN_STD(sdy + w + 3 * FN_VW, a3);
+            FN_STD(sdyxc + w, b0); FN_STD(sdyxc + w + FN_VW, b1);
+            FN_STD(sdyxc + w + 2 * FN_VW, b2); FN_STD(sdyxc + w + 3 * FN_VW, b3);
+        }
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd h = FN_LDD(mean + w), a0 = FN_LDD(sdy + w), b0 = FN_LDD(sdyxc + w);
+            for (m = m0; m < m1; m++) {
+                fn_vd g0 = FN_LD(dy + m * W + w);
+                a0 = FN_ADD(a0, g0);
+                b0 = FN_FMA(g0, FN_SUB(FN_LD(x + m * W + w), h), b0);
+            }
+            FN_STD(sdy + w, a0);
+            FN_STD(sdyxc + w, b0);
+        }
+#endif
+        for (; w < W; w++) {
+            double a = sdy[w], b = sdyxc[w], d;
+            for (m = m0; m < m1; m++) {
+                d = (double)dy[m * W + w];
+                a += d;
+                b += d * ((double)x[m * W + w] - mean[w]);
+            }
+            sdy[w] = a;
+            sdyxc[w] = b;
+        }
+    }
+}
+
+/* Row by row, the accumulators in memory (L1): for wide rows, where the strips above
+ * would read x a cache line per row per strip and wait on memory (measured 0.37 against
+ * 0.9-1.1 ns/value at W = 256 out of cache).  Same order per column. */
+static inline void fn_col_sums_rows(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                    const double* shift, double* s1, double* s2) {
+    Py_ssize_t m, w;
+    double d;
+    for (w = 0; w < W; w++) {
+        s1[w] = 0.0;
+        s2[w] = 0.0;
+    }
+    for (m = 0; m < rows; m++) {
+        const float* r = x + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd d0 = FN_SUB(FN_LD(r + w), FN_LDD(shift + w));
+            FN_STD(s1 + w, FN_ADD(FN_LDD(s1 + w), d0));
+            FN_STD(s2 + w, FN_FMA(d0, d0, FN_LDD(s2 + w)));
+        }
+#endif
+        for (; w < W; w++) {
+            d = (double)r[w] - shift[w];
+            s1[w] += d;
+            s2[w] += d * d;
+        }
+    }
+}
+
+static inline void fn_col_gsums_rows(const float* dy, const float* x, Py_ssize_t rows,
+                                     Py_ssize_t W, const double* mean, double* sdy,
+                                     double* sdyxc) {
+    Py_ssize_t m, w;
+    double d;
+    for (w = 0; w < W; w++) {
+        sdy[w] = 0.0;
+        sdyxc[w] = 0.0;
+    }
+    for (m = 0; m < rows; m++) {
+        const float* g = dy + m * W;
+        const float* r = x + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd g0 = FN_LD(g + w);
+            FN_STD(sdy + w, FN_ADD(FN_LDD(sdy + w), g0));
+            FN_STD(sdyxc + w, FN_FMA(g0, FN_SUB(FN_LD(r + w), FN_LDD(mean + w)),
+                                     FN_LDD(sdyxc + w)));
+        }
+#endif
+        for (; w < W; w++) {
+            d = (double)g[w];
+            sdy[w] += d;
+            sdyxc[w] += d * ((double)r[w] - mean[w]);
+        }
+    }
+}
+
+/* Strips for narrow rows (a row in one or two cache lines) or a block small enough to
+ * be in cache; rows otherwise. */
+#define FN_STRIPS(rows, W) ((W) <= 32 || (rows) * (W) <= 16384)
+
+static inline void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                   const double* shift, double* s1, double* s2) {
+    if (FN_STRIPS(rows, W))
+        fn_col_sums_strips(x, rows, W, shift, s1, s2);
+    else
+        fn_col_sums_rows(x, rows, W, shift, s1, s2);
+}
+
 static inline void fn_col_gsums_f32(const float* dy, const float* x, Py_ssize_t rows,
                                     Py_ssize_t W, const double* mean, double* sdy,
                                     double* sdyxc) {
-    Py_ssize_t w = 0, m;
-#if FN_SIMD
-    for (; w + 4 * FN_VW <= W; w += 4 * FN_VW) {
-        fn_vd h0 = FN_LDD(mean + w), h1 = FN_LDD(mean + w + FN_VW);
-        fn_vd h2 = FN_LDD(mean + w + 2 * FN_VW), h3 = FN_LDD(mean + w + 3 * FN_VW);
-        fn_vd z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        for (m = 0; m < rows; m++) {
-            const float* g = dy + m * W + w;
-            const float* r = x + m * W + w;
-            fn_vd g0 = FN_LD(g), g1 = FN_LD(g + FN_VW), g2 = FN_LD(g + 2 * FN_VW), g3 = FN_LD(g + 3 * FN_VW);
-            a0 = FN_ADD(a0, g0); a1 = FN_ADD(a1, g1);
-            a2 = FN_ADD(a2, g2); a3 = FN_ADD(a3, g3);
-            b0 = FN_FMA(g0, FN_SUB(FN_LD(r), h0), b0);
-            b1 = FN_FMA(g1, FN_SUB(FN_LD(r + FN_VW), h1), b1);
-            b2 = FN_FMA(g2, FN_SUB(FN_LD(r + 2 * FN_VW), h2), b2);
-            b3 = FN_FMA(g3, FN_SUB(FN_LD(r + 3 * FN_VW), h3), b3);
-        }
-        FN_STD(sdy + w, a0); FN_STD(sdy + w + FN_VW, a1);
-        FN_STD(sdy + w + 2 * FN_VW, a2); FN_STD(sdy + w + 3 * FN_VW, a3);
-        FN_STD(sdyxc + w, b0); FN_STD(sdyxc + w + FN_VW, b1);
-        FN_STD(sdyxc + w + 2 * FN_VW, b2); FN_STD(sdyxc + w + 3 * FN_VW, b3);
-    }
-    for (; w + FN_VW <= W; w += FN_VW) {  /* one vector of columns, 4 rows a step */
-        fn_vd h = FN_LDD(mean + w), z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        const float* g = dy + w;
-        const float* r = x + w;
-        for (m = 0; m + 4 <= rows; m += 4, g += 4 * W, r += 4 * W) {
-            fn_vd g0 = FN_LD(g), g1 = FN_LD(g + W), g2 = FN_LD(g + 2 * W), g3 = FN_LD(g + 3 * W);
-            a0 = FN_ADD(a0, g0); a1 = FN_ADD(a1, g1);
-            a2 = FN_ADD(a2, g2); a3 = FN_ADD(a3, g3);
-            b0 = FN_FMA(g0, FN_SUB(FN_LD(r), h), b0);
-            b1 = FN_FMA(g1, FN_SUB(FN_LD(r + W), h), b1);
-            b2 = FN_FMA(g2, FN_SUB(FN_LD(r + 2 * W), h), b2);
-            b3 = FN_FMA(g3, FN_SUB(FN_LD(r + 3 * W), h), b3);
-        }
-        a0 = FN_ADD(FN_ADD(a0, a1), FN_ADD(a2, a3));
-        b0 = FN_ADD(FN_ADD(b0, b1), FN_ADD(b2, b3));
-        for (; m < rows; m++, g += W, r += W) {
-            fn_vd g0 = FN_LD(g);
-            a0 = FN_ADD(a0, g0);
-            b0 = FN_FMA(g0, FN_SUB(FN_LD(r), h), b0);
-        }
-        FN_STD(sdy + w, a0);
-        FN_STD(sdyxc + w, b0);
-    }
-#endif
-    for (; w < W; w++) {
-        double a = 0.0, b = 0.0, d;
-        for (m = 0; m < rows; m++) {
-            d = (double)dy[m * W + w];
-            a += d;
-            b += d * ((double)x[m * W + w] - mean[w]);
-        }
-        sdy[w] = a;
-        sdyxc[w] = b;
-    }
+    if (FN_STRIPS(rows, W))
+        fn_col_gsums_strips(dy, x, rows, W, mean, sdy, sdyxc);
+    else
+        fn_col_gsums_rows(dy, x, rows, W, mean, sdy, sdyxc);
 }
 
 /* Columns: y[m, w] = x[m, w] * alpha[w] + beta[w]. */
