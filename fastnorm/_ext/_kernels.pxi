@@ -1352,14 +1352,24 @@ cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t 
                      const double* mean, const double* invstd, const floating* wp,
                      const floating* bp, int nt) noexcept nogil:
     cdef Py_ssize_t L = Kc * Ks
-    cdef Py_ssize_t u, p, g
+    cdef Py_ssize_t u, p, g, it, m
     if Ks == 1 and M > 1:
         return _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, invstd, wp, bp, nt)
-    for u in prange(P * G, schedule='static', num_threads=nt):
-        p = u // G
-        g = u - p * G
-        _item_apply(xp, yp, p * M * G * L + g * L, G * L, L, Ks, 0, M * L, mean[u],
-                    invstd[u], wp, bp, g * Kc)
+    if M == 1:  # each group contiguous
+        for u in prange(P * G, schedule='static', num_threads=nt):
+            p = u // G
+            g = u - p * G
+            _item_apply(xp, yp, p * G * L + g * L, G * L, L, Ks, 0, L, mean[u], invstd[u],
+                        wp, bp, g * Kc)
+        return 0
+    # groups of strided runs (BatchNorm NCHW): in memory order, row by row, which the
+    # prefetchers follow (a group at a time strides over the whole input)
+    for it in prange(P * M, schedule='static', num_threads=nt):
+        p = it // M
+        m = it - p * M
+        for g in range(G):
+            _item_apply(xp, yp, it * G * L + g * L, G * L, L, Ks, 0, L, mean[p * G + g],
+                        invstd[p * G + g], wp, bp, g * Kc)
     return 0
 
 

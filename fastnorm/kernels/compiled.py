@@ -139,18 +139,19 @@ class CompiledBackend:
         no NumPy steps, no memoryview arguments; 0.4 us instead of 2.5 us for a
         (1, 16, 8, 8) BatchNorm), else ``apply``.  ``mean``/``invstd`` any float dtype,
         P*G values."""
-        split = None if self._apply_fused is None else self._fused_split(dims)
-        if split is None:
+        if self._apply_fused is None or not _config.FUSED_PASSES:
             return self.apply(x, dims, mean, invstd, weight, bias, y)
         P, M, G, Kc, Ks = dims
-        self._apply_fused(x, P, M, G, Kc, Ks, split[0], mean, invstd, None, 0.0, weight,
-                          bias, y, self._threads(x.size))
+        nch = self._row_blocks(P, M, G * Kc) if Ks == 1 and M > 1 else 1
+        self._apply_fused(x, P, M, G, Kc, Ks, nch, mean, invstd, None, 0.0, weight, bias, y,
+                          self._threads(x.size))
 
-    def _fused_split(self, dims):
-        """(nch, nrch, nblk) for the one-call passes, or None where they do not serve: few
-        large groups split into parts (the segment shape with ``_nparts`` > 1).  Work is
-        split as the general path splits it: ``nch`` row blocks of the column shape,
-        ``nrch`` x ``nblk`` chunks for the parameter gradients of row norms."""
+    def _backward_split(self, dims):
+        """(nch, nrch, nblk) for the one-call backward, or None where it does not serve:
+        few large groups split into parts (the segment shape with ``_nparts`` > 1) and
+        long rows.  Work is split as the general path splits it: ``nch`` row blocks of
+        the column shape, ``nrch`` x ``nblk`` chunks for the parameter gradients of row
+        norms."""
         if not _config.FUSED_PASSES:
             return None
         P, M, G, Kc, Ks = dims
@@ -168,15 +169,20 @@ class CompiledBackend:
         """The whole training forward in one call (``forward_fused``): y, the saved
         statistics into ``mean`` (None without center) and ``invstd`` (flat, P*G values,
         any float dtype), running buffers moved towards the statistics averaged over P.
-        Returns False, having done nothing, where it does not serve (see _fused_split) or
-        the kernel module has no such call (Numba): the general path's NumPy glue around
+        Returns False, having done nothing, for few large groups split into parts or
+        when the kernel module has no such call (Numba): the general path's NumPy glue around
         the kernels costs more than their arithmetic below ~1M values (a (32, 16, 8, 8)
         BatchNorm: ~20 us of 30)."""
-        split = None if self._forward_fused is None else self._fused_split(dims)
-        if split is None:
+        if self._forward_fused is None or not _config.FUSED_PASSES:
             return False
         P, M, G, Kc, Ks = dims
-        self._forward_fused(x, P, M, G, Kc, Ks, split[0], weight, bias, eps, center, y,
+        if Ks == 1 and M > 1:
+            nch = self._row_blocks(P, M, G * Kc)
+        elif self._nparts(dims) == 1:
+            nch = 1
+        else:  # few large groups, split into parts: the general path
+            return False
+        self._forward_fused(x, P, M, G, Kc, Ks, nch, weight, bias, eps, center, y,
                             mean, invstd, running_mean, running_var, momentum,
                             self._threads(x.size))
         return True
@@ -185,19 +191,19 @@ class CompiledBackend:
         """y = (x - mean) / sqrt(var + eps) * weight + bias from running statistics
         (P*G values each, any float dtype) in one call (``apply_fused``).  False when not
         taken (see ``train_fused``)."""
-        split = None if self._apply_fused is None else self._fused_split(dims)
-        if split is None:
+        if self._apply_fused is None or not _config.FUSED_PASSES:
             return False
         P, M, G, Kc, Ks = dims
-        self._apply_fused(x, P, M, G, Kc, Ks, split[0], mean, None, var, eps, weight, bias,
-                          y, self._threads(x.size))
+        nch = self._row_blocks(P, M, G * Kc) if Ks == 1 and M > 1 else 1
+        self._apply_fused(x, P, M, G, Kc, Ks, nch, mean, None, var, eps, weight, bias, y,
+                          self._threads(x.size))
         return True
 
     def backward_fused(self, dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias):
         """``backward`` in one call: dx and, when given, the parameter gradients into
         ``dweight``/``dbias``; ``mean`` (None: zeros) and ``invstd`` the saved statistics
-        in any float dtype.  False when not taken (see ``train_fused``)."""
-        split = None if self._backward_fused is None else self._fused_split(dims)
+        in any float dtype.  False when not taken (see ``_backward_split``)."""
+        split = None if self._backward_fused is None else self._backward_split(dims)
         if split is None:
             return False
         P, M, G, Kc, Ks = dims
