@@ -45,8 +45,9 @@ def _geomean(values):
 
 def load(paths, stat="median"):
     """Timings of one or more runs.  With several files, each (row, implementation) takes
-    the timing measured while other processes used the least CPU (on a shared machine,
-    re-run and pass all the files)."""
+    the timing measured while other processes used the least CPU, and of runs equally
+    quiet (within 0.05 cores) the fastest: on a shared machine, re-run and pass all the
+    files (noise from outside the machine, such as a busy host, only ever slows a run)."""
     if isinstance(paths, str):
         paths = [paths]
     first = None
@@ -65,7 +66,9 @@ def load(paths, stat="median"):
             impl = info["impl"]
             other = info.get("other_cpu")
             other = float("inf") if other is None else other
-            if impl not in rows[key] or other < loads[key][impl]:
+            if (impl not in rows[key] or other < loads[key][impl] - 0.05
+                    or (other <= loads[key][impl] + 0.05
+                        and b["stats"][stat] < rows[key][impl])):
                 rows[key][impl] = b["stats"][stat]
                 loads[key][impl] = other
             threads.add(info.get("threads"))
@@ -177,7 +180,8 @@ def _load_note(data, threads):
     files = data.get("_files") or []
     if len(files) > 1:
         note += (f"  Timings merged from {len(files)} runs, each from the run with the least "
-                 f"other load.")
+                 f"other load, the fastest of equally quiet runs (each implementation's best "
+                 f"of {len(files)}).")
     return [note, ""]
 
 
@@ -185,7 +189,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+",
                         help="file(s) written by pytest --benchmark-json; with several, each "
-                             "timing is taken from the run where the machine was least busy")
+                             "timing is taken from the run where the machine was least busy, "
+                             "the fastest of equally quiet runs")
     parser.add_argument("--stat", default="median", choices=["median", "min", "mean"],
                         help="which statistic of the rounds (default: median; min is the "
                              "most robust on a busy machine)")
