@@ -59,28 +59,16 @@ class Bench:
         return f"{self.op} {'x'.join(map(str, self.shape))} {self.layout} {pass_}"
 
 
-def _nhwc(shape):
-    return (shape[0], *shape[2:], shape[1])
-
-
 def _cases():
-    cases = []
-    for shape in [(32, 16, 8, 8), (8, 256, 14, 14), (64, 64, 56, 56), (256, 32, 28, 28),
-                  (128, 512)]:
-        for layout in ("NCHW", "NHWC"):
-            cases.append(Bench("batch_norm", shape if layout == "NCHW" else _nhwc(shape),
-                               layout, ("forward", "eval", "fwd+bwd")))
-    for shape in [(64, 128, 768), (4096, 1024), (8, 1048576), (32, 16)]:
-        cases.append(Bench("layer_norm", shape, "-", ("forward", "fwd+bwd"), shape[-1]))
-    for layout in ("NCHW", "NHWC"):
-        s = (16, 256, 28, 28)
-        cases.append(Bench("group_norm", s if layout == "NCHW" else _nhwc(s), layout,
-                           ("forward", "fwd+bwd"), 32))
-        s = (16, 64, 64, 64)
-        cases.append(Bench("instance_norm", s if layout == "NCHW" else _nhwc(s), layout,
-                           ("forward", "fwd+bwd")))
-    cases.append(Bench("rms_norm", (64, 128, 768), "-", ("forward", "fwd+bwd"), 768))
-    return cases
+    """``fastnorm bench``'s case list (fastnorm.bench.all_cases), its "train" pass named
+    "forward" here."""
+    from fastnorm.bench import all_cases
+    out = []
+    for c in all_cases():
+        passes = tuple("forward" if p == "train" else p for p in c.passes)
+        arg = c.arg[-1] if isinstance(c.arg, tuple) else c.arg  # the last dimension
+        out.append(Bench(c.op, c.shape, c.layout, passes, arg))
+    return out
 
 
 CASES = _cases()

@@ -37,15 +37,14 @@ class Case:
 def _bn_cases():
     for shape in [(32, 16, 8, 8), (8, 256, 14, 14), (64, 64, 56, 56), (256, 32, 28, 28),
                   (128, 512)]:
-        for layout in ("NCHW", "NHWC"):
-            if len(shape) == 2 and layout == "NHWC":
-                continue  # (N, C) is the same array in both layouts
+        for layout in ("NCHW", "NHWC"):  # (N, C): the same array, the column kernels both
             nhwc = (shape[0], *shape[2:], shape[1])
             yield Case("batch_norm", shape if layout == "NCHW" else nhwc, layout,
                        ("train", "eval", "fwd+bwd"))
 
 
 def all_cases():
+    """The issue's case list, shared with benchmarks/test_bench_norms.py."""
     cases = list(_bn_cases())
     for shape in [(64, 128, 768), (4096, 1024), (8, 1048576), (32, 16)]:
         cases.append(Case("layer_norm", shape, "-", ("train", "fwd+bwd"), (shape[-1],)))
