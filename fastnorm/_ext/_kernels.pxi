@@ -1036,23 +1036,27 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
         c = it - p * nch
         _col_sums_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, sh + p * W,
                         s1 + it * W, s2 + it * W)
+    cdef double inv_n = 1.0 / n
     for p in range(P):
+        for c in range(1, nch):  # blocks merged into the p's first, in block order
+            for it in range(W):  # (vectorized)
+                s1[p * nch * W + it] += s1[(p * nch + c) * W + it]
+                s2[p * nch * W + it] += s2[(p * nch + c) * W + it]
         for g in range(G):
             S1 = 0.0
             S2 = 0.0
-            for c in range(nch):
-                for kc in range(Kc):
-                    S1 += s1[(p * nch + c) * W + g * Kc + kc]
-                    S2 += s2[(p * nch + c) * W + g * Kc + kc]
+            for kc in range(Kc):
+                S1 += s1[p * nch * W + g * Kc + kc]
+                S2 += s2[p * nch * W + g * Kc + kc]
             if center:
-                d = S1 / n
-                v = S2 / n - d * d
+                d = S1 * inv_n
+                v = S2 * inv_n - d * d
                 if v < 0.0:  # not max(): NaN must stay NaN
                     v = 0.0
                 mu = d + sh[p * W + g * Kc]
             else:
                 mu = 0.0
-                v = S2 / n
+                v = S2 * inv_n
             u = p * G + g
             mean[u] = mu
             var[u] = v
