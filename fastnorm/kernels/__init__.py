@@ -40,6 +40,15 @@ the sums across processes in between)::
     apply_backward(dy, x, dims, mean, invstd, weight, sum_g, sum_gxc, n, center, dx)
         dx from given per-group sums of g and g * (x - mean) over n values.
 
+A backend may also offer whole passes in one call, which ``fastnorm.norms`` prefers when
+present (the Cython one does; each returns False where it does not serve)::
+
+    train_fused(x, dims, weight, bias, eps, center, y, mean, invstd, running_mean,
+                running_var, momentum) -> bool
+    backward_fused(dy, x, dims, mean, invstd, weight, center, dx, dweight, dbias) -> bool
+    eval_fused(x, dims, mean, var, eps, weight, bias, y) -> bool
+    apply_fused(x, dims, mean, invstd, weight, bias, y)
+
 ``weight``/``bias`` are ``None`` or contiguous arrays of ``G*Kc`` values of x's dtype.
 ``numpy`` (reference.py) is the readable reference; ``numba`` and ``cython`` share the
 driver in compiled.py, which picks one of two kernel shapes for a view.
