@@ -45,38 +45,6 @@ static inline double fn_hsum(fn_vd a, fn_vd b, fn_vd c, fn_vd d) {
 #define FN_SIMD 0
 #endif
 
-/* s1 = sum(x - shift), s2 = sum((x - shift)^2) over x[0..n) */
-static inline void fn_sums_f32(const float* x, Py_ssize_t n, double shift,
-                               double* s1, double* s2) {
-    double a = 0.0, b = 0.0, d;
-    Py_ssize_t j = 0;
-#if FN_SIMD
-    if (n >= 4 * FN_VW) {
-        fn_vd vs = FN_SET1(shift), z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        for (; j + 4 * FN_VW <= n; j += 4 * FN_VW) {
-            fn_vd d0 = FN_SUB(FN_LD(x + j), vs);
-            fn_vd d1 = FN_SUB(FN_LD(x + j + FN_VW), vs);
-            fn_vd d2 = FN_SUB(FN_LD(x + j + 2 * FN_VW), vs);
-            fn_vd d3 = FN_SUB(FN_LD(x + j + 3 * FN_VW), vs);
-            a0 = FN_ADD(a0, d0); a1 = FN_ADD(a1, d1);
-            a2 = FN_ADD(a2, d2); a3 = FN_ADD(a3, d3);
-            b0 = FN_FMA(d0, d0, b0); b1 = FN_FMA(d1, d1, b1);
-            b2 = FN_FMA(d2, d2, b2); b3 = FN_FMA(d3, d3, b3);
-        }
-        a = fn_hsum(a0, a1, a2, a3);
-        b = fn_hsum(b0, b1, b2, b3);
-    }
-#endif
-    for (; j < n; j++) {
-        d = (double)x[j] - shift;
-        a += d;
-        b += d * d;
-    }
-    *s1 = a;
-    *s2 = b;
-}
-
 /* Applying the transforms in float32.  y = (x - mean) * a + b evaluated in double costs
  * two conversions per 4 values each way and is bound by them; in float32 it is three
  * vector operations per 8 values.  Done naively (x * a + b with b = bias - mean * a) it
@@ -152,38 +120,6 @@ static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
             v += (double)b[j];
         y[j] = (float)v;
     }
-}
-
-/* t1 = sum(dy), t2 = sum(dy * (x - mean)) over [0, n) */
-static inline void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n,
-                                double mean, double* t1, double* t2) {
-    double a = 0.0, b = 0.0, d;
-    Py_ssize_t j = 0;
-#if FN_SIMD
-    if (n >= 4 * FN_VW) {
-        fn_vd vm = FN_SET1(mean), z = FN_ZERO();
-        fn_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        for (; j + 4 * FN_VW <= n; j += 4 * FN_VW) {
-            fn_vd g0 = FN_LD(dy + j), g1 = FN_LD(dy + j + FN_VW);
-            fn_vd g2 = FN_LD(dy + j + 2 * FN_VW), g3 = FN_LD(dy + j + 3 * FN_VW);
-            a0 = FN_ADD(a0, g0); a1 = FN_ADD(a1, g1);
-            a2 = FN_ADD(a2, g2); a3 = FN_ADD(a3, g3);
-            b0 = FN_FMA(g0, FN_SUB(FN_LD(x + j), vm), b0);
-            b1 = FN_FMA(g1, FN_SUB(FN_LD(x + j + FN_VW), vm), b1);
-            b2 = FN_FMA(g2, FN_SUB(FN_LD(x + j + 2 * FN_VW), vm), b2);
-            b3 = FN_FMA(g3, FN_SUB(FN_LD(x + j + 3 * FN_VW), vm), b3);
-        }
-        a = fn_hsum(a0, a1, a2, a3);
-        b = fn_hsum(b0, b1, b2, b3);
-    }
-#endif
-    for (; j < n; j++) {
-        d = (double)dy[j];
-        a += d;
-        b += d * ((double)x[j] - mean);
-    }
-    *t1 = a;
-    *t2 = b;
 }
 
 /* dx = dy * k1 + x * k2 + k3 over [0, n), in float32 as (x - mean) * k2 + (k3 + k2 * mean)
@@ -558,6 +494,17 @@ static inline void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t
 __attribute__((optimize("fp-contract=off")))
 static double fn_muladd_rounded(double a, double b, double c) {
     return a * b + c;
+}
+
+/* The two sums over one run of n values (see the functions above). */
+static inline void fn_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1,
+                               double* s2) {
+    fn_runs_sums_f32(x, n, n, 1, shift, s1, s2);
+}
+
+static inline void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n,
+                                double mean, double* t1, double* t2) {
+    fn_runs_gsums_f32(dy, x, n, n, 1, mean, t1, t2);
 }
 
 /* Columns in float32 with split means (see fn_affine_f32):
