@@ -329,6 +329,7 @@ cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, P
     maximum, or the first NaN, as PyTorch); outputs C-contiguous in x's layout."""
     cdef Py_ssize_t n, c, oh, ow, a, b, a0, b0, o, best
     cdef real m, v
+    cdef bint take
     cdef const real* xc
     for n in range(N):
         for c in range(C):
@@ -346,9 +347,11 @@ cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, P
                             if b0 + b < 0 or b0 + b >= W:
                                 continue
                             v = xc[(a0 + a) * shh + (b0 + b) * sww]
-                            if best < 0 or v > m or (v != v and m == m):
-                                m = v
-                                best = a * kW + b
+                            # without branches (selects): which value wins is data, and
+                            # mispredicted jumps made this 3x slower
+                            take = (best < 0) | (v > m) | ((v != v) & (m == m))
+                            m = v if take else m
+                            best = a * kW + b if take else best
                     if nhwc:
                         o = ((n * Ho + oh) * Wo + ow) * C + c
                     else:
