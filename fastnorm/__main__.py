@@ -31,7 +31,9 @@ def cmd_info(args):
     print(f"threads: {fn.get_num_threads()}")
     try:
         from fastnorm._ext import kernels
-        print(f"cython extension: built, OpenMP {'on' if kernels.openmp_enabled() else 'off'}")
+        from fastnorm._backend import get_kernels
+        print(f"cython extension: built, OpenMP {'on' if kernels.openmp_enabled() else 'off'}, "
+              f"{get_kernels('cython').k.isa()} build in use")
     except ImportError as e:
         print(f"cython extension: not importable ({e})")
     if "numba" in fn.backends():
