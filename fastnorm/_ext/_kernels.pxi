@@ -53,6 +53,11 @@ cdef extern from "_simd.h" nogil:
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
                    double k2, double k3, double mean, const float* w)
     double fn_muladd_rounded(double a, double b, double c)
+    void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowstride, Py_ssize_t L,
+                            Py_ssize_t M, double mean, double a, double bias)
+    void fn_dx_runs_f32(const float* dy, const float* x, float* dx, Py_ssize_t rowstride,
+                        Py_ssize_t L, Py_ssize_t M, double k1, double k2, double k3,
+                        double mean)
     void fn_gsums_w_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
                         double mean, double* A, double* B)
     void fn_split(double v, float* hi, float* lo)
@@ -166,6 +171,13 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
     cdef double a, b
     cdef const floating* w = weight + wofs if weight != NULL else NULL
     cdef const floating* bs = bias + wofs if bias != NULL else NULL
+    if floating is float:
+        if L == Ks and L > 1 and f0 % L == 0 and f1 % L == 0:  # one channel, whole runs
+            fn_affine_runs_f32(x + base + m0 * rowstride, y + base + m0 * rowstride,
+                               rowstride, L, m1 + 1 - m0, mean,
+                               invstd * <double>w[0] if w != NULL else invstd,
+                               <double>bs[0] if bs != NULL else 0.0)
+            return
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
@@ -348,6 +360,12 @@ cdef inline void _item_apply_backward(const floating* dy, const floating* x, flo
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef double k1
     cdef const floating* w = weight + wofs if weight != NULL else NULL
+    if floating is float:
+        if L == Ks and L > 1 and f0 % L == 0 and f1 % L == 0:  # one channel, whole runs
+            fn_dx_runs_f32(dy + base + m0 * rowstride, x + base + m0 * rowstride,
+                           dx + base + m0 * rowstride, rowstride, L, m1 + 1 - m0,
+                           invstd * <double>w[0] if w != NULL else invstd, k2, k3, mean)
+            return
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L

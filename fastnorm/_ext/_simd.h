@@ -70,25 +70,43 @@ static inline void fn_split(double v, float* hi, float* lo) {
     *lo = (float)(v - (double)*hi);
 }
 
-/* y = (x - mean) * a + bias over [0, n) */
-static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean,
-                                 double a, double bias) {
-    Py_ssize_t j = 0;
+/* y = (x - mean) * a + bias over M runs of L values (run m at x + m * rowstride, and
+ * likewise in y): the float32 constants are set up once for all the runs. */
+static inline void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowstride,
+                                      Py_ssize_t L, Py_ssize_t M, double mean, double a,
+                                      double bias) {
+    Py_ssize_t j, m;
+    double b = -mean * a + bias;
 #if FN_SIMD
     float mh, ml;
     fn_split(mean, &mh, &ml);
     __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
     __m256 va = _mm256_set1_ps((float)a), vb = _mm256_set1_ps((float)bias);
-    for (; j + 16 <= n; j += 16) {
-        __m256 c0 = fn_center8(_mm256_loadu_ps(x + j), vh, vl);
-        __m256 c1 = fn_center8(_mm256_loadu_ps(x + j + 8), vh, vl);
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(c0, va, vb));
-        _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(c1, va, vb));
-    }
 #endif
-    double b = -mean * a + bias;
-    for (; j < n; j++)
-        y[j] = (float)((double)x[j] * a + b);
+    for (m = 0; m < M; m++) {
+        const float* xr = x + m * rowstride;
+        float* yr = y + m * rowstride;
+        j = 0;
+#if FN_SIMD
+        for (; j + 16 <= L; j += 16) {
+            __m256 c0 = fn_center8(_mm256_loadu_ps(xr + j), vh, vl);
+            __m256 c1 = fn_center8(_mm256_loadu_ps(xr + j + 8), vh, vl);
+            _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(c0, va, vb));
+            _mm256_storeu_ps(yr + j + 8, _mm256_fmadd_ps(c1, va, vb));
+        }
+        for (; j + 8 <= L; j += 8)
+            _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(fn_center8(_mm256_loadu_ps(xr + j), vh, vl),
+                                                     va, vb));
+#endif
+        for (; j < L; j++)
+            yr[j] = (float)((double)xr[j] * a + b);
+    }
+}
+
+/* y = (x - mean) * a + bias over [0, n) */
+static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean,
+                                 double a, double bias) {
+    fn_affine_runs_f32(x, y, n, n, 1, mean, a, bias);
 }
 
 /* One parameter per value (LayerNorm): y = (x - mean) * invstd * w[j] + b[j], w and b
@@ -147,6 +165,36 @@ static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssiz
         if (w != NULL)
             g *= (double)w[j];
         dx[j] = (float)(g + (double)x[j] * k2 + k3);
+    }
+}
+
+/* fn_dx_f32 without per-value weights over M runs of L values (run m at m * rowstride
+ * in dy, x and dx), the constants set up once. */
+static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
+                                  Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
+                                  double k1, double k2, double k3, double mean) {
+    Py_ssize_t j, m;
+#if FN_SIMD
+    float mh, ml;
+    fn_split(mean, &mh, &ml);
+    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
+    __m256 v1 = _mm256_set1_ps((float)k1), v2 = _mm256_set1_ps((float)k2);
+    __m256 v3 = _mm256_set1_ps((float)(k3 + k2 * mean));
+#endif
+    for (m = 0; m < M; m++) {
+        const float* g = dy + m * rowstride;
+        const float* r = x + m * rowstride;
+        float* o = dx + m * rowstride;
+        j = 0;
+#if FN_SIMD
+        for (; j + 8 <= L; j += 8) {
+            __m256 c = fn_center8(_mm256_loadu_ps(r + j), vh, vl);
+            _mm256_storeu_ps(o + j, _mm256_fmadd_ps(_mm256_loadu_ps(g + j), v1,
+                                                    _mm256_fmadd_ps(c, v2, v3)));
+        }
+#endif
+        for (; j < L; j++)
+            o[j] = (float)((double)g[j] * k1 + (double)r[j] * k2 + k3);
     }
 }
 
