@@ -155,10 +155,12 @@ class CompiledBackend:
         if not _config.FUSED_PASSES:
             return None
         P, M, G, Kc, Ks = dims
-        if self._is_columns(dims):
+        if Ks == 1 and M > 1:  # columns
             return self._row_blocks(P, M, G * Kc), 1, 1
         if self._nparts(dims) != 1:
             return None
+        if not self._is_row_norm(dims):
+            return 1, 1, 1
         nrch, nblk = self._row_chunks(P, Kc)
         if nblk > 1:  # long rows: the general path (a work row per chunk: measured faster)
             return None
