@@ -526,7 +526,8 @@ def seg_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
               Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nparts, const double[::1] mean,
               const double[::1] invstd, const floating[::1] weight,
               const floating[::1] bias, floating[::1] y, Py_ssize_t nthreads):
-    """y = (x - mean) * invstd * weight + bias, each group in nparts parts."""
+    """y = (x - mean) * invstd * weight + bias, each group in nparts parts; groups of
+    strided runs (nparts 1) row by row in memory order (see _eval_fused)."""
     cdef Py_ssize_t L = Kc * Ks
     cdef Py_ssize_t rowstride = G * L
     cdef Py_ssize_t n = M * L
@@ -543,6 +544,13 @@ def seg_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
     cdef const floating* bp = &bias[0] if bias.shape[0] > 0 else NULL
     cdef const floating* xp = &x[0]
     cdef floating* yp = &y[0]
+    if nparts == 1 and M > 1:
+        for it in prange(P * M, nogil=True, schedule='static', num_threads=nthreads):
+            p = it // M
+            for g in range(G):
+                _item_apply(xp, yp, it * rowstride + g * L, rowstride, L, Ks, 0, L,
+                            mean[p * G + g], invstd[p * G + g], wp, bp, g * Kc)
+        return
     for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
         u = it // nparts
         part = it - u * nparts

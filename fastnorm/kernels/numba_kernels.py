@@ -291,10 +291,19 @@ def seg_sums(x, P, M, G, Kc, Ks, nparts, shift, s1, s2, nthreads):
 
 @_jit(True)
 def seg_apply(x, P, M, G, Kc, Ks, nparts, mean, invstd, weight, bias, y, nthreads):
-    """y = (x - mean) * invstd * weight + bias, each group in nparts parts."""
+    """y = (x - mean) * invstd * weight + bias, each group in nparts parts; groups of
+    strided runs (BatchNorm NCHW, nparts 1) row by row in memory order, which the
+    prefetchers follow (a group at a time strides over the whole input)."""
     L = Kc * Ks
     rowstride = G * L
     n = M * L
+    if nparts == 1 and M > 1:
+        for it in prange(P * M):
+            p = it // M
+            for g in range(G):
+                _item_apply(x, y, it * rowstride + g * L, rowstride, L, Ks, 0, L,
+                            mean[p * G + g], invstd[p * G + g], weight, bias, g * Kc)
+        return
     for it in prange(P * G * nparts):
         u = it // nparts
         part = it - u * nparts
