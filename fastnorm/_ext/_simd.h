@@ -140,40 +140,16 @@ static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
     }
 }
 
-/* dx = dy * k1 + x * k2 + k3 over [0, n), in float32 as (x - mean) * k2 + (k3 + k2 * mean)
- * (see fn_affine_f32: x * k2 and k3 cancel when the mean is large); w (NULL when
- * absent) multiplies k1 per value. */
-static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
-                             double k1, double k2, double k3, double mean, const float* w) {
-    Py_ssize_t j = 0;
-#if FN_SIMD
-    float mh, ml;
-    fn_split(mean, &mh, &ml);
-    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
-    __m256 v1 = _mm256_set1_ps((float)k1), v2 = _mm256_set1_ps((float)k2);
-    __m256 v3 = _mm256_set1_ps((float)(k3 + k2 * mean));
-    for (; j + 8 <= n; j += 8) {
-        __m256 c = fn_center8(_mm256_loadu_ps(x + j), vh, vl);
-        __m256 g = _mm256_loadu_ps(dy + j);
-        if (w != NULL)
-            g = _mm256_mul_ps(g, _mm256_loadu_ps(w + j));
-        _mm256_storeu_ps(dx + j, _mm256_fmadd_ps(g, v1, _mm256_fmadd_ps(c, v2, v3)));
-    }
-#endif
-    for (; j < n; j++) {
-        double g = (double)dy[j] * k1;
-        if (w != NULL)
-            g *= (double)w[j];
-        dx[j] = (float)(g + (double)x[j] * k2 + k3);
-    }
-}
-
-/* fn_dx_f32 without per-value weights over M runs of L values (run m at m * rowstride
- * in dy, x and dx), the constants set up once. */
+/* dx = dy * k1 + x * k2 + k3 over M runs of L values (run m at m * rowstride in dy, x
+ * and dx), in float32 as (x - mean) * k2 + (k3 + k2 * mean) (see fn_affine_f32: x * k2
+ * and k3 cancel when the mean is large), the constants set up once; w (NULL when
+ * absent) multiplies k1 per value of a run. */
 static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
                                   Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
-                                  double k1, double k2, double k3, double mean) {
+                                  double k1, double k2, double k3, double mean,
+                                  const float* w) {
     Py_ssize_t j, m;
+    double gj;
 #if FN_SIMD
     float mh, ml;
     fn_split(mean, &mh, &ml);
@@ -189,13 +165,25 @@ static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
 #if FN_SIMD
         for (; j + 8 <= L; j += 8) {
             __m256 c = fn_center8(_mm256_loadu_ps(r + j), vh, vl);
-            _mm256_storeu_ps(o + j, _mm256_fmadd_ps(_mm256_loadu_ps(g + j), v1,
-                                                    _mm256_fmadd_ps(c, v2, v3)));
+            __m256 gv = _mm256_loadu_ps(g + j);
+            if (w != NULL)
+                gv = _mm256_mul_ps(gv, _mm256_loadu_ps(w + j));
+            _mm256_storeu_ps(o + j, _mm256_fmadd_ps(gv, v1, _mm256_fmadd_ps(c, v2, v3)));
         }
 #endif
-        for (; j < L; j++)
-            o[j] = (float)((double)g[j] * k1 + (double)r[j] * k2 + k3);
+        for (; j < L; j++) {
+            gj = (double)g[j] * k1;
+            if (w != NULL)
+                gj *= (double)w[j];
+            o[j] = (float)(gj + (double)r[j] * k2 + k3);
+        }
     }
+}
+
+/* The same over one run of n values. */
+static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                             double k1, double k2, double k3, double mean, const float* w) {
+    fn_dx_runs_f32(dy, x, dx, n, n, 1, k1, k2, k3, mean, w);
 }
 
 /* Columns: x is rows x W (row stride W).  s1[w] = sum_m (x[m, w] - shift[w]), s2 the
