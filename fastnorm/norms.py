@@ -187,6 +187,11 @@ def running_stats(running_mean, running_var, C, eps, mode="training=False"):
     """Validated running buffers as float64 ``(mean, invstd)`` for normalizing with fixed
     statistics; both buffers are required (``mode`` names the call in the error)."""
     _check_running_pair(running_mean, running_var, C, mode)
+    return _fixed_stats(running_mean, running_var, eps)
+
+
+def _fixed_stats(running_mean, running_var, eps):
+    """float64 ``(mean, invstd)`` of validated running buffers."""
     return (running_mean.astype(np.float64),
             _invstd(running_var.astype(np.float64), eps))
 
@@ -197,15 +202,13 @@ def _eval(x, layout, C, running_mean, running_var, weight, bias, eps, out, mode)
     the buffers) when it has one, else the float64 statistics and ``apply``."""
     _check_running_pair(running_mean, running_var, C, mode)
     dims = channel_view(x, layout)[1]
-    k = get_kernels()
-    fused = getattr(k, "eval_fused", None)
-    if fused is not None:
-        y = _checks.out(out, x.shape, x.dtype)
-        if fused(x, dims, _contiguous(running_mean), _contiguous(running_var), eps, weight,
-                 bias, y):
-            return y
-    mean, invstd = running_stats(running_mean, running_var, C, eps, mode)
-    return _apply(x, dims, mean, invstd, weight, bias, out)
+    y = _checks.out(out, x.shape, x.dtype)
+    fused = getattr(get_kernels(), "eval_fused", None)
+    if fused is not None and fused(x, dims, _contiguous(running_mean),
+                                   _contiguous(running_var), eps, weight, bias, y):
+        return y
+    mean, invstd = _fixed_stats(running_mean, running_var, eps)
+    return _apply(x, dims, mean, invstd, weight, bias, y)
 
 
 def _one_value_error(x):
