@@ -11,6 +11,8 @@ import json
 import math
 import sys
 
+from fastnorm.bench import geomean
+
 
 def _fmt(seconds):
     return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
@@ -51,8 +53,8 @@ def table(best, torch, order):
                      f"| {_fmt(t1)} | {_fmt(t2)} | {t1 / t2:.2f}x | {ts} |")
     lines.append("")
     for backend, s in speedups.items():
-        g = math.exp(sum(math.log(v) for v in s) / len(s))
-        lines.append(f"Geomean speedup 1 → 2 threads, {backend}: {g:.2f}x over {len(s)} rows.")
+        lines.append(f"Geomean speedup 1 → 2 threads, {backend}: {geomean(s):.2f}x over "
+                     f"{len(s)} rows.")
     return "\n".join(lines)
 
 
