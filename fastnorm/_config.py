@@ -17,6 +17,10 @@ MIN_CHUNK_ELEMENTS = 16384  # below this a chunk is not worth a task of its own
 PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller passes run on the calling thread alone
 SPLIT_UNITS_BELOW = 8    # a reduction with fewer independent groups than this ...
 SPLIT_MIN_ELEMENTS = 1 << 16  # ... and at least this many elements per group is split
+# Groups of strided runs (BatchNorm NCHW) at least this large are read in memory order as
+# columns of runs, in row blocks (see fastnorm.kernels.compiled); smaller ones group by
+# group, each summed and applied while it is in cache.
+RUN_COLUMNS_MIN_ELEMENTS = 1 << 18
 # Whole training passes in one kernel call where the backend has them (Cython); False
 # takes the general path (the kernels between NumPy steps), for comparisons and tests.
 FUSED_PASSES = True

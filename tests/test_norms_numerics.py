@@ -184,7 +184,8 @@ class _Recorder:
 THREAD_SHAPES = [
     # (norm, layout, shape, groups, kernels the driver must call for it)
     ("batch_norm", "NCHW", (2, 1, 70000), None, {"seg_sums", "seg_grad_sums"}),
-    ("batch_norm", "NCHW", (3, 4, 40000), None, {"seg_sums", "seg_grad_sums"}),
+    # large NCHW: columns of runs (RUN_COLUMNS_MIN_ELEMENTS), fewer channels than threads
+    ("batch_norm", "NCHW", (3, 4, 40000), None, {"col_sums", "col_grad_sums"}),
     ("batch_norm", "NCHW", (16, 32, 16, 16), None, {"seg_forward", "seg_backward"}),
     ("batch_norm", "NHWC", (64, 8, 8, 32), None, {"col_sums", "col_grad_sums"}),
     ("layer_norm", "last1", (1, 1 << 18), None, {"seg_sums", "seg_grad_sums"}),
@@ -579,6 +580,7 @@ FUSED_CASES = [  # (norm, layout, shape, groups): every view shape of the fused 
     # parallel, several row blocks / row chunks
     ("batch_norm", "NHWC", (8, 40, 40, 24), None), ("instance_norm", "NHWC", (4, 64, 64, 8), None),
     ("layer_norm", "last1", (600, 333), None), ("group_norm", "NCHW", (8, 32, 24, 24), 8),
+    ("batch_norm", "NCHW", (3, 4, 40000), None),  # columns of runs
 ]
 
 

@@ -672,88 +672,113 @@ def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
 
 
 # ----------------------------------------------------------------------------------------
-# Column shape: x is (P, M, W) and each of the W columns is reduced over M rows (the
-# channels-last layouts).  An item is (p, a block of rows); it sums into its own row of
-# per-item accumulators, merged afterwards in a fixed order (by the driver).
+# Column shape: x is (P, M, W, Ks) and each of the W columns (a run of Ks values per
+# row) is reduced over M rows: the channels-last layouts (Ks = 1) and large BatchNorm
+# NCHW inputs, read in memory order.  An item is (p, a block of rows); it sums into its
+# own row of per-item accumulators, merged afterwards in a fixed order (by the driver).
 # ----------------------------------------------------------------------------------------
 
 cdef inline void _col_sums_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1,
-                                 Py_ssize_t W, const double* shift, double* s1,
-                                 double* s2) noexcept nogil:
-    """s1[w] = sum(x[m, w] - shift[w]), s2 likewise squared, over rows [m0, m1)."""
-    cdef Py_ssize_t m, w
+                                 Py_ssize_t W, Py_ssize_t Ks, const double* shift,
+                                 double* s1, double* s2) noexcept nogil:
+    """s1[w] = sum(x[m, w, :] - shift[w]), s2 likewise squared, over rows [m0, m1) (a
+    column is a run of Ks values per row)."""
+    cdef Py_ssize_t m, w, k
     cdef const floating* xr
-    cdef double d
+    cdef double d, t1, t2
     if floating is float:
-        fn_col_sums_f32(x + m0 * W, m1 - m0, W, shift, s1, s2)
-    else:
+        if Ks == 1:
+            fn_col_sums_f32(x + m0 * W, m1 - m0, W, shift, s1, s2)
+            return
+    for w in range(W):
+        s1[w] = 0.0
+        s2[w] = 0.0
+    for m in range(m0, m1):  # in memory order
         for w in range(W):
-            s1[w] = 0.0
-            s2[w] = 0.0
-        for m in range(m0, m1):
-            xr = x + m * W
-            for w in range(W):
-                d = <double>xr[w] - shift[w]
-                s1[w] += d
-                s2[w] += d * d
+            xr = x + (m * W + w) * Ks
+            if floating is float:
+                fn_sums_f32(xr, Ks, shift[w], &t1, &t2)
+            else:
+                t1 = 0.0
+                t2 = 0.0
+                for k in range(Ks):
+                    d = <double>xr[k] - shift[w]
+                    t1 += d
+                    t2 += d * d
+            s1[w] += t1
+            s2[w] += t2
 
 
 cdef inline void _col_apply_block(const floating* x, Py_ssize_t m0, Py_ssize_t m1,
-                                  Py_ssize_t W, const double* alpha, const double* beta,
-                                  floating* y) noexcept nogil:
-    """y[m, w] = x[m, w] * alpha[w] + beta[w] over rows [m0, m1)."""
-    cdef Py_ssize_t m, w, off
+                                  Py_ssize_t W, Py_ssize_t Ks, const double* alpha,
+                                  const double* beta, floating* y) noexcept nogil:
+    """y[m, w, :] = x[m, w, :] * alpha[w] + beta[w] over rows [m0, m1)."""
+    cdef Py_ssize_t m, w, k, off
     if floating is float:
-        fn_col_apply_f32(x + m0 * W, m1 - m0, W, alpha, beta, y + m0 * W)
-    else:
-        for m in range(m0, m1):
-            off = m * W
-            for w in range(W):
-                y[off + w] = <floating>(<double>x[off + w] * alpha[w] + beta[w])
+        if Ks == 1:
+            fn_col_apply_f32(x + m0 * W, m1 - m0, W, alpha, beta, y + m0 * W)
+            return
+    for m in range(m0, m1):
+        for w in range(W):
+            off = (m * W + w) * Ks
+            for k in range(off, off + Ks):
+                y[k] = <floating>(<double>x[k] * alpha[w] + beta[w])
 
 
 cdef inline void _col_grad_sums_block(const floating* dy, const floating* x,
                                       Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t W,
-                                      const double* mean, double* sdy,
+                                      Py_ssize_t Ks, const double* mean, double* sdy,
                                       double* sdyxc) noexcept nogil:
     """sdy[w] = sum(dy), sdyxc[w] = sum(dy * (x - mean[w])) over rows [m0, m1)."""
-    cdef Py_ssize_t m, w, off
-    cdef double d
+    cdef Py_ssize_t m, w, k, off
+    cdef double d, t1, t2
     if floating is float:
-        fn_col_gsums_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, mean, sdy, sdyxc)
-    else:
+        if Ks == 1:
+            fn_col_gsums_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, mean, sdy, sdyxc)
+            return
+    for w in range(W):
+        sdy[w] = 0.0
+        sdyxc[w] = 0.0
+    for m in range(m0, m1):  # in memory order
         for w in range(W):
-            sdy[w] = 0.0
-            sdyxc[w] = 0.0
-        for m in range(m0, m1):
-            off = m * W
-            for w in range(W):
-                d = <double>dy[off + w]
-                sdy[w] += d
-                sdyxc[w] += d * (<double>x[off + w] - mean[w])
+            off = (m * W + w) * Ks
+            if floating is float:
+                fn_gsums_f32(dy + off, x + off, Ks, mean[w], &t1, &t2)
+            else:
+                t1 = 0.0
+                t2 = 0.0
+                for k in range(off, off + Ks):
+                    d = <double>dy[k]
+                    t1 += d
+                    t2 += d * (<double>x[k] - mean[w])
+            sdy[w] += t1
+            sdyxc[w] += t2
 
 
 cdef inline void _col_apply_backward_block(const floating* dy, const floating* x,
                                            Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t W,
-                                           const double* k1, const double* k2,
-                                           const double* k3, floating* dx) noexcept nogil:
-    """dx[m, w] = dy * k1[w] + x * k2[w] + k3[w] over rows [m0, m1)."""
-    cdef Py_ssize_t m, w, off
+                                           Py_ssize_t Ks, const double* k1,
+                                           const double* k2, const double* k3,
+                                           floating* dx) noexcept nogil:
+    """dx[m, w, :] = dy * k1[w] + x * k2[w] + k3[w] over rows [m0, m1)."""
+    cdef Py_ssize_t m, w, k, off
     if floating is float:
-        fn_col_dx_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, k1, k2, k3, dx + m0 * W)
-    else:
-        for m in range(m0, m1):
-            off = m * W
-            for w in range(W):
-                dx[off + w] = <floating>(<double>dy[off + w] * k1[w]
-                                         + <double>x[off + w] * k2[w] + k3[w])
+        if Ks == 1:
+            fn_col_dx_f32(dy + m0 * W, x + m0 * W, m1 - m0, W, k1, k2, k3, dx + m0 * W)
+            return
+    for m in range(m0, m1):
+        for w in range(W):
+            off = (m * W + w) * Ks
+            for k in range(off, off + Ks):
+                dx[k] = <floating>(<double>dy[k] * k1[w] + <double>x[k] * k2[w] + k3[w])
 
 
 def col_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
-             Py_ssize_t nch, const double[::1] shift, double[::1] s1, double[::1] s2,
-             Py_ssize_t nthreads):
-    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows."""
-    cdef Py_ssize_t it, p, c, total = P * M * W
+             Py_ssize_t Ks, Py_ssize_t nch, const double[::1] shift, double[::1] s1,
+             double[::1] s2, Py_ssize_t nthreads):
+    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows (x
+    is (P, M, W, Ks): a column is a run of Ks values per row)."""
+    cdef Py_ssize_t it, p, c, total = P * M * W * Ks
     _need(x.shape[0], total, "x")
     _need(shift.shape[0], P * W, "shift")
     _need(s1.shape[0], P * nch * W, "s1")
@@ -767,15 +792,15 @@ def col_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
     for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
         p = it // nch
         c = it - p * nch
-        _col_sums_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, shp + p * W,
-                        s1p + it * W, s2p + it * W)
+        _col_sums_block(xp + p * M * W * Ks, M * c // nch, M * (c + 1) // nch, W, Ks,
+                        shp + p * W, s1p + it * W, s2p + it * W)
 
 
 def col_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
-              Py_ssize_t nch, const double[::1] alpha, const double[::1] beta,
-              floating[::1] y, Py_ssize_t nthreads):
-    """y[p, m, w] = x * alpha[p, w] + beta[p, w]."""
-    cdef Py_ssize_t it, p, c, total = P * M * W
+              Py_ssize_t Ks, Py_ssize_t nch, const double[::1] alpha,
+              const double[::1] beta, floating[::1] y, Py_ssize_t nthreads):
+    """y[p, m, w, :] = x * alpha[p, w] + beta[p, w]."""
+    cdef Py_ssize_t it, p, c, total = P * M * W * Ks
     _need(x.shape[0], total, "x")
     _need(y.shape[0], total, "y")
     _need(alpha.shape[0], P * W, "alpha")
@@ -789,15 +814,16 @@ def col_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t W,
     for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
         p = it // nch
         c = it - p * nch
-        _col_apply_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, ap + p * W,
-                         bp + p * W, yp + p * M * W)
+        _col_apply_block(xp + p * M * W * Ks, M * c // nch, M * (c + 1) // nch, W, Ks,
+                         ap + p * W, bp + p * W, yp + p * M * W * Ks)
 
 
 def col_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
-                  Py_ssize_t M, Py_ssize_t W, Py_ssize_t nch, const double[::1] mean,
-                  double[::1] sdy, double[::1] sdyxc, Py_ssize_t nthreads):
+                  Py_ssize_t M, Py_ssize_t W, Py_ssize_t Ks, Py_ssize_t nch,
+                  const double[::1] mean, double[::1] sdy, double[::1] sdyxc,
+                  Py_ssize_t nthreads):
     """sdy[item, w] = sum(dy), sdyxc[item, w] = sum(dy * (x - mean[p, w]))."""
-    cdef Py_ssize_t it, p, c, total = P * M * W
+    cdef Py_ssize_t it, p, c, total = P * M * W * Ks
     _need(dy.shape[0], total, "dy")
     _need(x.shape[0], total, "x")
     _need(mean.shape[0], P * W, "mean")
@@ -813,17 +839,17 @@ def col_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
     for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
         p = it // nch
         c = it - p * nch
-        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
-                             M * (c + 1) // nch, W, mp + p * W, sdp + it * W,
+        _col_grad_sums_block(dyp + p * M * W * Ks, xp + p * M * W * Ks, M * c // nch,
+                             M * (c + 1) // nch, W, Ks, mp + p * W, sdp + it * W,
                              sxp + it * W)
 
 
 def col_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
-                       Py_ssize_t M, Py_ssize_t W, Py_ssize_t nch, const double[::1] k1,
-                       const double[::1] k2, const double[::1] k3, floating[::1] dx,
-                       Py_ssize_t nthreads):
-    """dx[p, m, w] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
-    cdef Py_ssize_t it, p, c, total = P * M * W
+                       Py_ssize_t M, Py_ssize_t W, Py_ssize_t Ks, Py_ssize_t nch,
+                       const double[::1] k1, const double[::1] k2, const double[::1] k3,
+                       floating[::1] dx, Py_ssize_t nthreads):
+    """dx[p, m, w, :] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
+    cdef Py_ssize_t it, p, c, total = P * M * W * Ks
     _need(dy.shape[0], total, "dy")
     _need(x.shape[0], total, "x")
     _need(dx.shape[0], total, "dx")
@@ -841,9 +867,9 @@ def col_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
     for it in prange(P * nch, nogil=True, schedule='static', num_threads=nthreads):
         p = it // nch
         c = it - p * nch
-        _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
-                                  M * (c + 1) // nch, W, k1p + p * W, k2p + p * W,
-                                  k3p + p * W, dxp + p * M * W)
+        _col_apply_backward_block(dyp + p * M * W * Ks, xp + p * M * W * Ks, M * c // nch,
+                                  M * (c + 1) // nch, W, Ks, k1p + p * W, k2p + p * W,
+                                  k3p + p * W, dxp + p * M * W * Ks)
 
 
 cdef inline void _row_param_grads_block(const floating* dy, const floating* x,
@@ -1044,7 +1070,7 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
                              fw + P * W + p * W, fw + 2 * P * W + p * W,
                              fw + 3 * P * W + p * W, yp + (p * M + m0) * W)
         else:
-            _col_apply_block(xp + p * M * W, m0, m1, W, co + p * W, co + P * W + p * W,
+            _col_apply_block(xp + p * M * W, m0, m1, W, 1, co + p * W, co + P * W + p * W,
                              yp + p * M * W)
     free(co)
     if fw != NULL:
@@ -1053,14 +1079,14 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
 
 
 cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
-                      Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t nch, const floating* wp,
-                      const floating* bp, double eps, bint center, double* mean,
-                      double* var, double* r, int nt) noexcept nogil:
-    """The column shape: block sums (parallel), merged per group in block order, then
-    the affine (parallel).  -1 when out of memory."""
+                      Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks, Py_ssize_t nch,
+                      const floating* wp, const floating* bp, double eps, bint center,
+                      double* mean, double* var, double* r, int nt) noexcept nogil:
+    """The column shape (columns of Ks values per row): block sums (parallel), merged
+    per group in block order, then the affine (parallel).  -1 when out of memory."""
     cdef Py_ssize_t W = G * Kc
     cdef Py_ssize_t nb = P * nch
-    cdef Py_ssize_t n = M * Kc
+    cdef Py_ssize_t n = M * Kc * Ks
     cdef Py_ssize_t it, p, c, g, kc, u
     cdef double S1, S2, d, v, mu
     cdef int rc
@@ -1073,12 +1099,13 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
     cdef double* sh = work + 2 * nb * W
     for p in range(P):
         for c in range(W):  # each group's first value (row 0, its first channel)
-            sh[p * W + c] = <double>xp[p * M * W + (c // Kc) * Kc] if center else 0.0
+            sh[p * W + c] = (<double>xp[(p * M * W + (c // Kc) * Kc) * Ks] if center
+                             else 0.0)
     for it in prange(nb, schedule='static', num_threads=nt):
         p = it // nch
         c = it - p * nch
-        _col_sums_block(xp + p * M * W, M * c // nch, M * (c + 1) // nch, W, sh + p * W,
-                        s1 + it * W, s2 + it * W)
+        _col_sums_block(xp + p * M * W * Ks, M * c // nch, M * (c + 1) // nch, W, Ks,
+                        sh + p * W, s1 + it * W, s2 + it * W)
     cdef double inv_n = 1.0 / n
     for p in range(P):
         for c in range(1, nch):  # blocks merged into the p's first, in block order
@@ -1105,7 +1132,7 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
             var[u] = v
     for u in range(P * G):  # a loop of its own: vectorized
         r[u] = 1.0 / sqrt(var[u] + eps)
-    rc = _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, r, wp, bp, nt)
+    rc = _eval_fused(xp, yp, P, M, G, Kc, Ks, nch, mean, r, wp, bp, nt)
     free(work)
     return rc
 
@@ -1116,8 +1143,8 @@ cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize
                         double* mean, double* var, double* invstd, int nt) noexcept nogil:
     """Statistics per group into mean/var/invstd and y; -1 when out of memory."""
     cdef Py_ssize_t u
-    if Ks == 1 and M > 1:
-        return _col_forward(xp, yp, P, M, G, Kc, nch, wp, bp, eps, center, mean, var,
+    if M > 1 and (Ks == 1 or nch > 1):  # columns (of runs: large inputs, see the driver)
+        return _col_forward(xp, yp, P, M, G, Kc, Ks, nch, wp, bp, eps, center, mean, var,
                             invstd, nt)
     for u in prange(P * G, schedule='static', num_threads=nt):  # segments, fused per group
         _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
@@ -1186,15 +1213,15 @@ def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
 
 cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
                        Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                       Py_ssize_t nch, const double* mean, const double* invstd,
-                       const floating* wp, bint center, double* dw, double* db,
-                       int nt) noexcept nogil:
+                       Py_ssize_t Ks, Py_ssize_t nch, const double* mean,
+                       const double* invstd, const floating* wp, bint center,
+                       double* dw, double* db, int nt) noexcept nogil:
     """The column shape: block gradient sums (parallel), merged in block order, then dx
     (parallel); dw/db (not NULL) receive the parameter gradients.  -1: out of memory."""
     cdef Py_ssize_t W = G * Kc
     cdef Py_ssize_t nb = P * nch
-    cdef Py_ssize_t n = M * Kc
-    cdef Py_ssize_t it, p, c, g, kc, ci, m0, m1
+    cdef Py_ssize_t n = M * Kc * Ks
+    cdef Py_ssize_t it, p, c, g, kc, ci, m0, m1, m, off
     cdef double A, B, r, mu, wk, k2, k3
     # per block: sdy, sdyxc (W each); per (p, column): mean, k1, k2, k3
     cdef double* work = <double*>malloc((2 * nb * W + 4 * P * W) * sizeof(double))
@@ -1218,8 +1245,9 @@ cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
     for it in prange(nb, schedule='static', num_threads=nt):
         p = it // nch
         c = it - p * nch
-        _col_grad_sums_block(dyp + p * M * W, xp + p * M * W, M * c // nch,
-                             M * (c + 1) // nch, W, mw + p * W, sd + it * W, sx + it * W)
+        _col_grad_sums_block(dyp + p * M * W * Ks, xp + p * M * W * Ks, M * c // nch,
+                             M * (c + 1) // nch, W, Ks, mw + p * W, sd + it * W,
+                             sx + it * W)
     if dw != NULL:
         for c in range(W):
             dw[c] = 0.0
@@ -1262,13 +1290,21 @@ cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
         m0 = M * c // nch
         m1 = M * (c + 1) // nch
         if floating is float:
-            fn_col_dx_ps(dyp + (p * M + m0) * W, xp + (p * M + m0) * W, m1 - m0, W,
-                         fw + p * W, fw + P * W + p * W, fw + 2 * P * W + p * W,
-                         fw + 3 * P * W + p * W, fw + 4 * P * W + p * W,
-                         dxp + (p * M + m0) * W)
+            if Ks > 1:  # runs in memory order, float32 (fn_dx_f32)
+                for m in range(m0, m1):
+                    for ci in range(W):
+                        off = ((p * M + m) * W + ci) * Ks
+                        fn_dx_f32(dyp + off, xp + off, dxp + off, Ks, k1w[p * W + ci],
+                                  k2w[p * W + ci], k3w[p * W + ci], mw[p * W + ci], NULL)
+            else:
+                fn_col_dx_ps(dyp + (p * M + m0) * W, xp + (p * M + m0) * W, m1 - m0, W,
+                             fw + p * W, fw + P * W + p * W, fw + 2 * P * W + p * W,
+                             fw + 3 * P * W + p * W, fw + 4 * P * W + p * W,
+                             dxp + (p * M + m0) * W)
         else:
-            _col_apply_backward_block(dyp + p * M * W, xp + p * M * W, m0, m1, W,
-                                      k1w + p * W, k2w + p * W, k3w + p * W, dxp + p * M * W)
+            _col_apply_backward_block(dyp + p * M * W * Ks, xp + p * M * W * Ks, m0, m1,
+                                      W, Ks, k1w + p * W, k2w + p * W, k3w + p * W,
+                                      dxp + p * M * W * Ks)
     free(work)
     if fw != NULL:
         free(fw)
@@ -1285,9 +1321,9 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
     cdef Py_ssize_t u, kc, c, it, ch, b
     cdef double* work
     cdef bint want = dw != NULL
-    if Ks == 1 and M > 1:
-        return _col_backward(dyp, xp, dxp, P, M, G, Kc, nch, mean, invstd, wp, center, dw,
-                             db, nt)
+    if M > 1 and (Ks == 1 or nch > 1):  # columns (of runs: large inputs, see the driver)
+        return _col_backward(dyp, xp, dxp, P, M, G, Kc, Ks, nch, mean, invstd, wp, center,
+                             dw, db, nt)
     if Ks == 1 and M == 1 and G == 1:  # rows (LayerNorm, RMSNorm): a parameter per value
         for u in prange(P, schedule='static', num_threads=nt):
             _group_backward(dyp, xp, u, 1, 1, Kc, 1, mean, invstd, wp, center, dxp, NULL,

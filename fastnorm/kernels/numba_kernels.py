@@ -391,14 +391,16 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
 
 
 # ----------------------------------------------------------------------------------------
-# Column shape: x is (P, M, W) and each of the W columns is reduced over M rows (the
-# channels-last layouts).  An item is (p, a block of rows); it sums into its own row of
-# per-item accumulators, merged afterwards in a fixed order.
+# Column shape: x is (P, M, W, Ks) and each of the W columns (a run of Ks values per
+# row) is reduced over M rows: the channels-last layouts (Ks = 1) and large BatchNorm
+# NCHW inputs, read in memory order.  An item is (p, a block of rows); it sums into its
+# own row of per-item accumulators, merged afterwards in a fixed order.
 # ----------------------------------------------------------------------------------------
 
 @_jit(True)
-def col_sums(x, P, M, W, nch, shift, s1, s2, nthreads):
-    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows."""
+def col_sums(x, P, M, W, Ks, nch, shift, s1, s2, nthreads):
+    """s1[item, w] = sum(x - shift[p, w]), s2 likewise squared, over the item's rows (x is
+    (P, M, W, Ks): a column is a run of Ks values per row, read in memory order)."""
     for it in prange(P * nch):
         p = it // nch
         c = it - p * nch
@@ -410,16 +412,30 @@ def col_sums(x, P, M, W, nch, shift, s1, s2, nthreads):
         a1[:] = 0.0
         a2[:] = 0.0
         for m in range(m0, m1):
-            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
+            lo = (p * M + m) * W * Ks
+            if Ks == 1:
+                xr = x[lo:lo + W]
+                for w in range(W):
+                    d = np.float64(xr[w]) - sh[w]
+                    a1[w] += d
+                    a2[w] += d * d
+                continue
             for w in range(W):
-                d = np.float64(xr[w]) - sh[w]
-                a1[w] += d
-                a2[w] += d * d
+                xr = x[lo + w * Ks:lo + (w + 1) * Ks]  # (slices: vectorized loops)
+                sw = sh[w]
+                t1 = 0.0
+                t2 = 0.0
+                for k in range(Ks):
+                    d = np.float64(xr[k]) - sw
+                    t1 += d
+                    t2 += d * d
+                a1[w] += t1
+                a2[w] += t2
 
 
 @_jit(True)
-def col_apply(x, P, M, W, nch, alpha, beta, y, nthreads):
-    """y[p, m, w] = x * alpha[p, w] + beta[p, w]."""
+def col_apply(x, P, M, W, Ks, nch, alpha, beta, y, nthreads):
+    """y[p, m, w, :] = x * alpha[p, w] + beta[p, w]."""
     for it in prange(P * nch):
         p = it // nch
         c = it - p * nch
@@ -428,14 +444,18 @@ def col_apply(x, P, M, W, nch, alpha, beta, y, nthreads):
         al = alpha[p * W:(p + 1) * W]
         be = beta[p * W:(p + 1) * W]
         for m in range(m0, m1):
-            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
-            yr = y[(p * M + m) * W:(p * M + m + 1) * W]
             for w in range(W):
-                yr[w] = np.float64(xr[w]) * al[w] + be[w]
+                lo = ((p * M + m) * W + w) * Ks
+                xr = x[lo:lo + Ks]
+                yr = y[lo:lo + Ks]
+                a = al[w]
+                b = be[w]
+                for k in range(Ks):
+                    yr[k] = np.float64(xr[k]) * a + b
 
 
 @_jit(True)
-def col_grad_sums(dy, x, P, M, W, nch, mean, sdy, sdyxc, nthreads):
+def col_grad_sums(dy, x, P, M, W, Ks, nch, mean, sdy, sdyxc, nthreads):
     """sdy[item, w] = sum(dy), sdyxc[item, w] = sum(dy * (x - mean[p, w]))."""
     for it in prange(P * nch):
         p = it // nch
@@ -448,17 +468,32 @@ def col_grad_sums(dy, x, P, M, W, nch, mean, sdy, sdyxc, nthreads):
         a1[:] = 0.0
         a2[:] = 0.0
         for m in range(m0, m1):
-            dyr = dy[(p * M + m) * W:(p * M + m + 1) * W]
-            xr = x[(p * M + m) * W:(p * M + m + 1) * W]
+            lo = (p * M + m) * W * Ks
+            dyr = dy[lo:lo + W * Ks]
+            xr = x[lo:lo + W * Ks]
+            if Ks == 1:
+                for w in range(W):
+                    d = np.float64(dyr[w])
+                    a1[w] += d
+                    a2[w] += d * (np.float64(xr[w]) - mu[w])
+                continue
             for w in range(W):
-                d = np.float64(dyr[w])
-                a1[w] += d
-                a2[w] += d * (np.float64(xr[w]) - mu[w])
+                dys = dyr[w * Ks:(w + 1) * Ks]
+                xs = xr[w * Ks:(w + 1) * Ks]
+                mw = mu[w]
+                t1 = 0.0
+                t2 = 0.0
+                for k in range(Ks):
+                    d = np.float64(dys[k])
+                    t1 += d
+                    t2 += d * (np.float64(xs[k]) - mw)
+                a1[w] += t1
+                a2[w] += t2
 
 
 @_jit(True)
-def col_apply_backward(dy, x, P, M, W, nch, k1, k2, k3, dx, nthreads):
-    """dx[p, m, w] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
+def col_apply_backward(dy, x, P, M, W, Ks, nch, k1, k2, k3, dx, nthreads):
+    """dx[p, m, w, :] = dy * k1[p, w] + x * k2[p, w] + k3[p, w]."""
     for it in prange(P * nch):
         p = it // nch
         c = it - p * nch
@@ -468,12 +503,16 @@ def col_apply_backward(dy, x, P, M, W, nch, k1, k2, k3, dx, nthreads):
         c2 = k2[p * W:(p + 1) * W]
         c3 = k3[p * W:(p + 1) * W]
         for m in range(m0, m1):
-            lo = (p * M + m) * W
-            dyr = dy[lo:lo + W]
-            xr = x[lo:lo + W]
-            dxr = dx[lo:lo + W]
             for w in range(W):
-                dxr[w] = np.float64(dyr[w]) * c1[w] + np.float64(xr[w]) * c2[w] + c3[w]
+                lo = ((p * M + m) * W + w) * Ks
+                dyr = dy[lo:lo + Ks]
+                xr = x[lo:lo + Ks]
+                dxr = dx[lo:lo + Ks]
+                a = c1[w]
+                b = c2[w]
+                e = c3[w]
+                for k in range(Ks):
+                    dxr[k] = np.float64(dyr[k]) * a + np.float64(xr[k]) * b + e
 
 
 @_jit(True)
