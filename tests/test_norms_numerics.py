@@ -629,3 +629,42 @@ def test_fused_passes_match_general_path(norm, layout, shape, groups, affine, dt
         assert_close(g1[name], g2[name], tol, name)
     for name in ("running_mean", "running_var"):
         assert_close(p1[name], p2[name], tol, name)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-call", "general"])
+@pytest.mark.parametrize("norm,layout,shape,groups", FUSED_CASES,
+                         ids=[f"{n}-{lay}-{'x'.join(map(str, s))}"
+                              for n, lay, s, _ in FUSED_CASES])
+def test_streaming_stores_change_nothing(norm, layout, shape, groups, fused, monkeypatch,
+                                         restore_threads):
+    """float32 outputs of STREAM_MIN_BYTES and more are written with streaming stores
+    (Cython).  With the threshold at 0 every pass streams (aligned or not): the same
+    bits as plain stores."""
+    if "cython" not in COMPILED:
+        pytest.skip("the Cython backend is not built")
+    case = case_for(norm, "cython", layout, dtype=np.float32, affine="full", shape=shape,
+                    groups=groups, running=SPECS[norm].has_running)
+    spec = case.spec
+    x, p = case.inputs()
+    x = x * 3 + 50
+    dy = case.rng("dy").standard_normal(shape).astype(np.float32)
+    kernels = get_kernels("cython").k
+    monkeypatch.setattr(fn._config, "FUSED_PASSES", fused)
+    fn.set_num_threads(2)
+    results = []
+    old = kernels.stream_min_bytes()
+    try:
+        for threshold in (1 << 62, 0):
+            kernels.stream_min_bytes(threshold)
+            with fn.use_backend("cython"):
+                y, saved = spec.train(x, p, case)
+                g = spec.backward(dy, x, saved, p, case)
+                y_eval = spec.forward(x, p, case, training=False)
+            results.append((y, g, y_eval))
+    finally:
+        kernels.stream_min_bytes(old)
+    (y0, g0, e0), (y1, g1, e1) = results
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(e1, e0)
+    for name in ("input", "weight", "bias"):
+        np.testing.assert_array_equal(g1[name], g0[name])

@@ -45,27 +45,29 @@ cdef extern from "_simd.h" nogil:
     # float32 inner loops with AVX2+FMA intrinsics in the avx2 build (see _simd.h)
     void fn_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1, double* s2)
     void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean, double a,
-                       double bias)
+                       double bias, int stream)
     void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n, double mean,
-                              double invstd, const float* w, const float* b)
+                              double invstd, const float* w, const float* b, int stream)
     void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n, double mean,
                       double* t1, double* t2)
     void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double k1,
-                   double k2, double k3, double mean, const float* w)
+                   double k2, double k3, double mean, const float* w, int stream)
     double fn_muladd_rounded(double a, double b, double c)
     void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowstride, Py_ssize_t L,
-                            Py_ssize_t M, double mean, double a, double bias)
+                            Py_ssize_t M, double mean, double a, double bias, int stream)
     void fn_dx_runs_f32(const float* dy, const float* x, float* dx, Py_ssize_t rowstride,
                         Py_ssize_t L, Py_ssize_t M, double k1, double k2, double k3,
-                        double mean, const float* w)
+                        double mean, const float* w, int stream)
+    void fn_sfence()
     void fn_gsums_w_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
                         double mean, double* A, double* B)
     void fn_split(double v, float* hi, float* lo)
     void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W, const float* mh,
-                          const float* ml, const float* a, const float* b, float* y)
+                          const float* ml, const float* a, const float* b, float* y,
+                          int stream)
     void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t W,
                       const float* mh, const float* ml, const float* k1, const float* k2,
-                      const float* k3, float* dx)
+                      const float* k3, float* dx, int stream)
     void fn_runs_sums_f32(const float* x, Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
                           double shift, double* s1, double* s2)
     void fn_runs_gsums_f32(const float* dy, const float* x, Py_ssize_t rowstride,
@@ -108,6 +110,28 @@ cdef inline void _need_opt(Py_ssize_t size, Py_ssize_t needed, str name):
         raise ValueError(f"{name}: expected 0 or at least {needed} values, got {size}")
 
 
+# Outputs of at least this many bytes (float32) are written with streaming stores (see
+# fn_st8 in _simd.h); the driver sets it from fastnorm._config.STREAM_MIN_BYTES.
+cdef Py_ssize_t _stream_min_bytes = 16 << 20
+
+
+def stream_min_bytes(n=None):
+    """The output size from which float32 results are stored non-temporally; with ``n``,
+    set it (bytes, >= 0) and return the previous value."""
+    global _stream_min_bytes
+    cdef Py_ssize_t old = _stream_min_bytes
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"n: expected a size in bytes >= 0, got {n}")
+        _stream_min_bytes = n
+    return old
+
+
+cdef inline bint _streams(Py_ssize_t nvalues, size_t itemsize) noexcept nogil:
+    """Whether a pass writing nvalues of the given size streams its stores."""
+    return itemsize == 4 and nvalues * <Py_ssize_t>itemsize >= _stream_min_bytes
+
+
 # ----------------------------------------------------------------------------------------
 # Segment shape: group (p, g) is M segments of L = Kc*Ks contiguous values, segment m at
 # base + m*rowstride.  An *item* is a contiguous range [f0, f1) of the group's M*L values
@@ -148,12 +172,12 @@ cdef inline Sums _item_sums(const floating* x, Py_ssize_t base, Py_ssize_t rowst
 
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t j0, Py_ssize_t j1,
-                         double mean, double a, double bias) noexcept nogil:
+                         double mean, double a, double bias, bint stream) noexcept nogil:
     """y[j] = (x[j] - mean) * a + bias for j in [j0, j1) (in double as x * a + b)."""
     cdef Py_ssize_t j
     cdef double b = -mean * a + bias
     if floating is float:
-        fn_affine_f32(x + j0, y + j0, j1 - j0, mean, a, bias)
+        fn_affine_f32(x + j0, y + j0, j1 - j0, mean, a, bias, stream)
     else:
         for j in range(j0, j1):
             y[j] = <floating>(<double>x[j] * a + b)
@@ -163,9 +187,10 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
                              Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t Ks,
                              Py_ssize_t f0, Py_ssize_t f1, double mean, double invstd,
                              const floating* weight, const floating* bias,
-                             Py_ssize_t wofs) noexcept nogil:
+                             Py_ssize_t wofs, bint stream) noexcept nogil:
     """y = (x - mean) * invstd * weight[c] + bias[c] over the item: as x*a + b per
-    channel run (Ks > 1), as written per value (Ks == 1), like the Numba kernel."""
+    channel run (Ks > 1), as written per value (Ks == 1), like the Numba kernel; float32
+    results with streaming stores when ``stream`` (see fn_st8)."""
     cdef Py_ssize_t m, kc, ja, jb, off
     cdef Py_ssize_t m0 = f0 // L, m1 = (f1 - 1) // L
     cdef double a, b
@@ -176,7 +201,7 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
             fn_affine_runs_f32(x + base + m0 * rowstride, y + base + m0 * rowstride,
                                rowstride, L, m1 + 1 - m0, mean,
                                invstd * <double>w[0] if w != NULL else invstd,
-                               <double>bs[0] if bs != NULL else 0.0)
+                               <double>bs[0] if bs != NULL else 0.0, stream)
             return
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
@@ -186,9 +211,9 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
             if floating is float:
                 fn_affine_values_f32(x + off + ja, y + off + ja, jb - ja, mean, invstd,
                                      w + ja if w != NULL else NULL,
-                                     bs + ja if bs != NULL else NULL)
+                                     bs + ja if bs != NULL else NULL, stream)
             elif w == NULL and bs == NULL:
-                _affine(x + off, y + off, ja, jb, mean, invstd, 0.0)
+                _affine(x + off, y + off, ja, jb, mean, invstd, 0.0, False)
             elif w == NULL:
                 _affine_b(x + off, y + off, bs, ja, jb, mean, invstd)
             elif bs == NULL:
@@ -201,7 +226,7 @@ cdef inline void _item_apply(const floating* x, floating* y, Py_ssize_t base,
                 if w != NULL:
                     a = invstd * <double>w[kc]
                 _affine(x + off, y + off, max(ja, kc * Ks), min(jb, kc * Ks + Ks), mean, a,
-                        <double>bs[kc] if bs != NULL else 0.0)
+                        <double>bs[kc] if bs != NULL else 0.0, stream)
 
 
 cdef inline void _affine_b(const floating* x, floating* y, const floating* bias,
@@ -352,8 +377,8 @@ cdef inline void _item_apply_backward(const floating* dy, const floating* x, flo
                                       Py_ssize_t base, Py_ssize_t rowstride, Py_ssize_t L,
                                       Py_ssize_t Ks, Py_ssize_t f0, Py_ssize_t f1,
                                       double invstd, double k2, double k3, double mean,
-                                      const floating* weight,
-                                      Py_ssize_t wofs) noexcept nogil:
+                                      const floating* weight, Py_ssize_t wofs,
+                                      bint stream) noexcept nogil:
     """dx = dy * invstd * weight[c] + x * k2 + k3 over the item (``mean``: the group's,
     for the float32 evaluation)."""
     cdef Py_ssize_t m, kc, ja, jb, off
@@ -365,7 +390,7 @@ cdef inline void _item_apply_backward(const floating* dy, const floating* x, flo
             fn_dx_runs_f32(dy + base + m0 * rowstride, x + base + m0 * rowstride,
                            dx + base + m0 * rowstride, rowstride, L, m1 + 1 - m0,
                            invstd * <double>w[0] if w != NULL else invstd, k2, k3, mean,
-                           NULL)
+                           NULL, stream)
             return
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
@@ -373,25 +398,26 @@ cdef inline void _item_apply_backward(const floating* dy, const floating* x, flo
         off = base + m * rowstride
         if Ks == 1:
             if w == NULL:
-                _dx_run(dy + off, x + off, dx + off, ja, jb, invstd, k2, k3, mean)
+                _dx_run(dy + off, x + off, dx + off, ja, jb, invstd, k2, k3, mean, stream)
             else:
-                _dx_values(dy + off, x + off, dx + off, w, ja, jb, invstd, k2, k3, mean)
+                _dx_values(dy + off, x + off, dx + off, w, ja, jb, invstd, k2, k3, mean,
+                           stream)
         else:
             for kc in range(ja // Ks, (jb - 1) // Ks + 1):
                 k1 = invstd
                 if w != NULL:
                     k1 = invstd * <double>w[kc]
                 _dx_run(dy + off, x + off, dx + off, max(ja, kc * Ks),
-                        min(jb, kc * Ks + Ks), k1, k2, k3, mean)
+                        min(jb, kc * Ks + Ks), k1, k2, k3, mean, stream)
 
 
 cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
                          Py_ssize_t j0, Py_ssize_t j1, double k1, double k2,
-                         double k3, double mean) noexcept nogil:
+                         double k3, double mean, bint stream) noexcept nogil:
     """dx[j] = dy[j] * k1 + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
     if floating is float:
-        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, k1, k2, k3, mean, NULL)
+        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, k1, k2, k3, mean, NULL, stream)
     else:
         for j in range(j0, j1):
             dx[j] = <floating>(<double>dy[j] * k1 + <double>x[j] * k2 + k3)
@@ -399,11 +425,13 @@ cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx,
 
 cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
                             const floating* weight, Py_ssize_t j0, Py_ssize_t j1,
-                            double invstd, double k2, double k3, double mean) noexcept nogil:
+                            double invstd, double k2, double k3, double mean,
+                            bint stream) noexcept nogil:
     """dx[j] = dy[j] * invstd * weight[j] + x[j] * k2 + k3 for j in [j0, j1)."""
     cdef Py_ssize_t j
     if floating is float:
-        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, invstd, k2, k3, mean, weight + j0)
+        fn_dx_f32(dy + j0, x + j0, dx + j0, j1 - j0, invstd, k2, k3, mean, weight + j0,
+                  stream)
     else:
         for j in range(j0, j1):
             dx[j] = <floating>(<double>dy[j] * invstd * <double>weight[j]
@@ -413,8 +441,8 @@ cdef inline void _dx_values(const floating* dy, const floating* x, floating* dx,
 cdef inline void _group_forward(const floating* x, Py_ssize_t u, Py_ssize_t M,
                                 Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
                                 const floating* weight, const floating* bias, double eps,
-                                bint center, floating* y, double* mean,
-                                double* var) noexcept nogil:
+                                bint center, floating* y, double* mean, double* var,
+                                bint stream) noexcept nogil:
     """seg_forward for group u: shifted sums, then the affine."""
     cdef Py_ssize_t L = Kc * Ks
     cdef Py_ssize_t rowstride = G * L
@@ -437,14 +465,15 @@ cdef inline void _group_forward(const floating* x, Py_ssize_t u, Py_ssize_t M,
     mean[u] = mu
     var[u] = v
     _item_apply(x, y, base, rowstride, L, Ks, 0, n, mu, 1.0 / sqrt(v + eps),
-                weight, bias, g * Kc)
+                weight, bias, g * Kc, stream)
 
 
 cdef inline void _group_backward(const floating* dy, const floating* x, Py_ssize_t u,
                                  Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
                                  const double* mean, const double* invstd,
                                  const floating* weight, bint center, floating* dx,
-                                 double* sdy, double* sdyxc, bint want) noexcept nogil:
+                                 double* sdy, double* sdyxc, bint want,
+                                 bint stream) noexcept nogil:
     """seg_backward for group u: gradient sums, then dx (when dx is not NULL)."""
     cdef Py_ssize_t L = Kc * Ks
     cdef Py_ssize_t rowstride = G * L
@@ -469,7 +498,7 @@ cdef inline void _group_backward(const floating* dy, const floating* x, Py_ssize
         k2 = -r * r * r * B / n
         k3 = r * (mu * r * r * B / n - A / n)
         _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3, mu,
-                             weight, g * Kc)
+                             weight, g * Kc, stream)
 
 
 def seg_forward(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
@@ -492,8 +521,11 @@ def seg_forward(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
     cdef floating* yp = &y[0]
     cdef double* mp = &mean[0]
     cdef double* vp = &var[0]
+    cdef bint st = _streams(total, sizeof(floating))
     for u in prange(P * G, nogil=True, schedule='static', num_threads=nthreads):
-        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mp, vp)
+        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mp, vp, st)
+        if st:
+            fn_sfence()
 
 
 def seg_sums(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
@@ -545,12 +577,15 @@ def seg_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
     cdef const floating* bp = &bias[0] if bias.shape[0] > 0 else NULL
     cdef const floating* xp = &x[0]
     cdef floating* yp = &y[0]
+    cdef bint st = _streams(total, sizeof(floating))
     if nparts == 1 and M > 1:
         for it in prange(P * M, nogil=True, schedule='static', num_threads=nthreads):
             p = it // M
             for g in range(G):
                 _item_apply(xp, yp, it * rowstride + g * L, rowstride, L, Ks, 0, L,
-                            mean[p * G + g], invstd[p * G + g], wp, bp, g * Kc)
+                            mean[p * G + g], invstd[p * G + g], wp, bp, g * Kc, st)
+            if st:
+                fn_sfence()
         return
     for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
         u = it // nparts
@@ -559,7 +594,9 @@ def seg_apply(const floating[::1] x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G,
         g = u - p * G
         _item_apply(xp, yp, p * M * rowstride + g * L, rowstride, L, Ks,
                     n * part // nparts, n * (part + 1) // nparts, mean[u], invstd[u],
-                    wp, bp, g * Kc)
+                    wp, bp, g * Kc, st)
+        if st:
+            fn_sfence()
 
 
 def seg_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
@@ -590,8 +627,12 @@ def seg_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
     cdef const floating* xp = &x[0]
     cdef const double* mp = &mean[0]
     cdef const double* rp = &invstd[0]
+    cdef bint st = _streams(total, sizeof(floating))
     for u in prange(P * G, nogil=True, schedule='static', num_threads=nthreads):
-        _group_backward(dyp, xp, u, M, G, Kc, Ks, mp, rp, wp, center, dxp, sdp, sxp, want)
+        _group_backward(dyp, xp, u, M, G, Kc, Ks, mp, rp, wp, center, dxp, sdp, sxp, want,
+                        st)
+        if st:
+            fn_sfence()
 
 
 def seg_grad_sums(const floating[::1] dy, const floating[::1] x, Py_ssize_t P,
@@ -661,6 +702,7 @@ def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
     cdef const floating* dyp = &dy[0]
     cdef const floating* xp = &x[0]
     cdef floating* dxp = &dx[0]
+    cdef bint st = _streams(total, sizeof(floating))
     for it in prange(P * G * nparts, nogil=True, schedule='static', num_threads=nthreads):
         u = it // nparts
         part = it - u * nparts
@@ -668,7 +710,9 @@ def seg_apply_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t
         g = u - p * G
         _item_apply_backward(dyp, xp, dxp, p * M * rowstride + g * L, rowstride, L, Ks,
                              n * part // nparts, n * (part + 1) // nparts, invstd[u],
-                             k2[u], k3[u], mean[u], wp, g * Kc)
+                             k2[u], k3[u], mean[u], wp, g * Kc, st)
+        if st:
+            fn_sfence()
 
 
 # ----------------------------------------------------------------------------------------
@@ -1037,6 +1081,7 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
     cdef double mu, a, bias
     cdef double* co = NULL  # float64: alpha, beta per (p, column)
     cdef float* fw = NULL  # float32: mean hi, lo, alpha, bias per (p, column)
+    cdef bint st = _streams(P * M * W, sizeof(floating))
     if floating is float:
         fw = <float*>malloc(4 * P * W * sizeof(float))
         if fw == NULL:
@@ -1068,7 +1113,9 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
         if floating is float:
             fn_col_affine_ps(xp + (p * M + m0) * W, m1 - m0, W, fw + p * W,
                              fw + P * W + p * W, fw + 2 * P * W + p * W,
-                             fw + 3 * P * W + p * W, yp + (p * M + m0) * W)
+                             fw + 3 * P * W + p * W, yp + (p * M + m0) * W, st)
+            if st:
+                fn_sfence()
         else:
             _col_apply_block(xp + p * M * W, m0, m1, W, 1, co + p * W, co + P * W + p * W,
                              yp + p * M * W)
@@ -1143,11 +1190,14 @@ cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize
                         double* mean, double* var, double* invstd, int nt) noexcept nogil:
     """Statistics per group into mean/var/invstd and y; -1 when out of memory."""
     cdef Py_ssize_t u
+    cdef bint st = _streams(P * M * G * Kc * Ks, sizeof(floating))
     if M > 1 and (Ks == 1 or nch > 1):  # columns (of runs: large inputs, see the driver)
         return _col_forward(xp, yp, P, M, G, Kc, Ks, nch, wp, bp, eps, center, mean, var,
                             invstd, nt)
     for u in prange(P * G, schedule='static', num_threads=nt):  # segments, fused per group
-        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var)
+        _group_forward(xp, u, M, G, Kc, Ks, wp, bp, eps, center, yp, mean, var, st)
+        if st:
+            fn_sfence()
     for u in range(P * G):
         invstd[u] = 1.0 / sqrt(var[u] + eps)
     return 0
@@ -1284,6 +1334,7 @@ cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
                 if dw != NULL:
                     dw[ci] += sx[p * nch * W + ci] * r
                     db[ci] += sd[p * nch * W + ci]
+    cdef bint st = _streams(P * M * W * Ks, sizeof(floating))
     for it in prange(nb, schedule='static', num_threads=nt):
         p = it // nch
         c = it - p * nch
@@ -1295,12 +1346,15 @@ cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
                     for ci in range(W):
                         off = ((p * M + m) * W + ci) * Ks
                         fn_dx_f32(dyp + off, xp + off, dxp + off, Ks, k1w[p * W + ci],
-                                  k2w[p * W + ci], k3w[p * W + ci], mw[p * W + ci], NULL)
+                                  k2w[p * W + ci], k3w[p * W + ci], mw[p * W + ci], NULL,
+                                  st)
             else:
                 fn_col_dx_ps(dyp + (p * M + m0) * W, xp + (p * M + m0) * W, m1 - m0, W,
                              fw + p * W, fw + P * W + p * W, fw + 2 * P * W + p * W,
                              fw + 3 * P * W + p * W, fw + 4 * P * W + p * W,
-                             dxp + (p * M + m0) * W)
+                             dxp + (p * M + m0) * W, st)
+            if st:
+                fn_sfence()
         else:
             _col_apply_backward_block(dyp + p * M * W * Ks, xp + p * M * W * Ks, m0, m1,
                                       W, Ks, k1w + p * W, k2w + p * W, k3w + p * W,
@@ -1321,13 +1375,16 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
     cdef Py_ssize_t u, kc, c, it, ch, b
     cdef double* work
     cdef bint want = dw != NULL
+    cdef bint st = _streams(P * M * W * Ks, sizeof(floating))
     if M > 1 and (Ks == 1 or nch > 1):  # columns (of runs: large inputs, see the driver)
         return _col_backward(dyp, xp, dxp, P, M, G, Kc, Ks, nch, mean, invstd, wp, center,
                              dw, db, nt)
     if Ks == 1 and M == 1 and G == 1:  # rows (LayerNorm, RMSNorm): a parameter per value
         for u in prange(P, schedule='static', num_threads=nt):
             _group_backward(dyp, xp, u, 1, 1, Kc, 1, mean, invstd, wp, center, dxp, NULL,
-                            NULL, False)
+                            NULL, False, st)
+            if st:
+                fn_sfence()
         if not want:
             return 0
         work = <double*>malloc(2 * nrch * Kc * sizeof(double))  # per chunk of rows
@@ -1353,7 +1410,9 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
         return -1
     for u in prange(P * G, schedule='static', num_threads=nt):
         _group_backward(dyp, xp, u, M, G, Kc, Ks, mean, invstd, wp, center, dxp, work,
-                        work + P * W, want)
+                        work + P * W, want, st)
+        if st:
+            fn_sfence()
     if want:
         for c in range(W):
             dw[c] = 0.0
@@ -1424,6 +1483,7 @@ cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t 
                      const floating* bp, int nt) noexcept nogil:
     cdef Py_ssize_t L = Kc * Ks
     cdef Py_ssize_t u, p, g, it, m
+    cdef bint st = _streams(P * M * G * L, sizeof(floating))
     if Ks == 1 and M > 1:
         return _col_apply_stats(xp, yp, P, M, G, Kc, nch, mean, invstd, wp, bp, nt)
     if M == 1:  # each group contiguous
@@ -1431,7 +1491,9 @@ cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t 
             p = u // G
             g = u - p * G
             _item_apply(xp, yp, p * G * L + g * L, G * L, L, Ks, 0, L, mean[u], invstd[u],
-                        wp, bp, g * Kc)
+                        wp, bp, g * Kc, st)
+            if st:
+                fn_sfence()
         return 0
     # groups of strided runs (BatchNorm NCHW): in memory order, row by row, which the
     # prefetchers follow (a group at a time strides over the whole input).  The loops are
@@ -1442,7 +1504,9 @@ cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t 
         m = it - p * M
         for g in range(G):
             _item_apply(xp, yp, it * G * L + g * L, G * L, L, Ks, 0, L, mean[p * G + g],
-                        invstd[p * G + g], wp, bp, g * Kc)
+                        invstd[p * G + g], wp, bp, g * Kc, st)
+        if st:
+            fn_sfence()
     return 0
 
 

@@ -63,7 +63,35 @@ static inline __m256 fn_center8(__m256 x, __m256 hi, __m256 lo) {
     __asm__("" : "+x"(c));
     return _mm256_sub_ps(c, lo);
 }
+
+/* Stores of 8 results: plain, or with ``s`` non-temporal (streaming: the line goes to
+ * memory without being read first, and does not evict cached data).  A pass whose output
+ * is larger than about half the last-level cache streams it: its lines would be evicted
+ * before anyone reads them, and the read of each line a plain store makes first is a third
+ * of the traffic of an apply pass.  16-byte halves, so 16-byte alignment suffices (NumPy's
+ * allocations); callers pass s = 0 for a run that is not 16-byte aligned. */
+static inline void fn_st8(float* p, __m256 v, int s) {
+    if (s) {
+        _mm_stream_ps(p, _mm256_castps256_ps128(v));
+        _mm_stream_ps(p + 4, _mm256_extractf128_ps(v, 1));
+    } else {
+        _mm256_storeu_ps(p, v);
+    }
+}
 #endif
+
+/* Whether the streaming stores of a run starting at p can be used. */
+static inline int fn_can_stream(const float* p, int stream) {
+    return stream && (((size_t)p) & 15) == 0;
+}
+
+/* Orders this thread's streaming stores before whatever it does next (each task that
+ * streamed ends with it, before the threads join). */
+static inline void fn_sfence(void) {
+#if FN_SIMD
+    _mm_sfence();
+#endif
+}
 
 static inline void fn_split(double v, float* hi, float* lo) {
     *hi = (float)v;
@@ -74,7 +102,7 @@ static inline void fn_split(double v, float* hi, float* lo) {
  * likewise in y): the float32 constants are set up once for all the runs. */
 static inline void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowstride,
                                       Py_ssize_t L, Py_ssize_t M, double mean, double a,
-                                      double bias) {
+                                      double bias, int stream) {
     Py_ssize_t j, m;
     double b = -mean * a + bias;
 #if FN_SIMD
@@ -88,15 +116,16 @@ static inline void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowst
         float* yr = y + m * rowstride;
         j = 0;
 #if FN_SIMD
+        int s = fn_can_stream(yr, stream);
         for (; j + 16 <= L; j += 16) {
             __m256 c0 = fn_center8(_mm256_loadu_ps(xr + j), vh, vl);
             __m256 c1 = fn_center8(_mm256_loadu_ps(xr + j + 8), vh, vl);
-            _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(c0, va, vb));
-            _mm256_storeu_ps(yr + j + 8, _mm256_fmadd_ps(c1, va, vb));
+            fn_st8(yr + j, _mm256_fmadd_ps(c0, va, vb), s);
+            fn_st8(yr + j + 8, _mm256_fmadd_ps(c1, va, vb), s);
         }
         for (; j + 8 <= L; j += 8)
-            _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(fn_center8(_mm256_loadu_ps(xr + j), vh, vl),
-                                                     va, vb));
+            fn_st8(yr + j, _mm256_fmadd_ps(fn_center8(_mm256_loadu_ps(xr + j), vh, vl), va, vb),
+                   s);
 #endif
         for (; j < L; j++)
             yr[j] = (float)((double)xr[j] * a + b);
@@ -105,29 +134,34 @@ static inline void fn_affine_runs_f32(const float* x, float* y, Py_ssize_t rowst
 
 /* y = (x - mean) * a + bias over [0, n) */
 static inline void fn_affine_f32(const float* x, float* y, Py_ssize_t n, double mean,
-                                 double a, double bias) {
-    fn_affine_runs_f32(x, y, n, n, 1, mean, a, bias);
+                                 double a, double bias, int stream) {
+    fn_affine_runs_f32(x, y, n, n, 1, mean, a, bias, stream);
 }
 
 /* One parameter per value (LayerNorm): y = (x - mean) * invstd * w[j] + b[j], w and b
  * NULL when absent. */
 static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
                                         double mean, double invstd, const float* w,
-                                        const float* b) {
+                                        const float* b, int stream) {
     Py_ssize_t j = 0;
 #if FN_SIMD
+    int s = fn_can_stream(y, stream);
     float mh, ml;
     fn_split(mean, &mh, &ml);
     __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml), vr = _mm256_set1_ps((float)invstd);
     for (; j + 8 <= n; j += 8) {
         __m256 c = _mm256_mul_ps(fn_center8(_mm256_loadu_ps(x + j), vh, vl), vr);
+        /* (x * invstd) * w as written: under -fassociative-math gcc regrouped the product
+         * in one of the loop's two versions (plain / streaming stores), so the result
+         * depended on the output's alignment (test_streaming_stores_change_nothing). */
+        __asm__("" : "+x"(c));
         if (w != NULL && b != NULL)
             c = _mm256_fmadd_ps(c, _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j));
         else if (w != NULL)
             c = _mm256_mul_ps(c, _mm256_loadu_ps(w + j));
         else if (b != NULL)
             c = _mm256_add_ps(c, _mm256_loadu_ps(b + j));
-        _mm256_storeu_ps(y + j, c);
+        fn_st8(y + j, c, s);
     }
 #endif
     for (; j < n; j++) {
@@ -147,7 +181,7 @@ static inline void fn_affine_values_f32(const float* x, float* y, Py_ssize_t n,
 static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
                                   Py_ssize_t rowstride, Py_ssize_t L, Py_ssize_t M,
                                   double k1, double k2, double k3, double mean,
-                                  const float* w) {
+                                  const float* w, int stream) {
     Py_ssize_t j, m;
     double gj;
 #if FN_SIMD
@@ -163,12 +197,14 @@ static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
         float* o = dx + m * rowstride;
         j = 0;
 #if FN_SIMD
+        int s = fn_can_stream(o, stream);
         for (; j + 8 <= L; j += 8) {
             __m256 c = fn_center8(_mm256_loadu_ps(r + j), vh, vl);
             __m256 gv = _mm256_loadu_ps(g + j);
             if (w != NULL)
                 gv = _mm256_mul_ps(gv, _mm256_loadu_ps(w + j));
-            _mm256_storeu_ps(o + j, _mm256_fmadd_ps(gv, v1, _mm256_fmadd_ps(c, v2, v3)));
+            __asm__("" : "+x"(gv));  /* (dy * w) * k1 as written, see fn_affine_values_f32 */
+            fn_st8(o + j, _mm256_fmadd_ps(gv, v1, _mm256_fmadd_ps(c, v2, v3)), s);
         }
 #endif
         for (; j < L; j++) {
@@ -182,8 +218,9 @@ static inline void fn_dx_runs_f32(const float* dy, const float* x, float* dx,
 
 /* The same over one run of n values. */
 static inline void fn_dx_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
-                             double k1, double k2, double k3, double mean, const float* w) {
-    fn_dx_runs_f32(dy, x, dx, n, n, 1, k1, k2, k3, mean, w);
+                             double k1, double k2, double k3, double mean, const float* w,
+                             int stream) {
+    fn_dx_runs_f32(dy, x, dx, n, n, 1, k1, k2, k3, mean, w, stream);
 }
 
 /* Columns: x is rows x W (row stride W).  s1[w] = sum_m (x[m, w] - shift[w]), s2 the
@@ -548,18 +585,19 @@ static inline void fn_gsums_f32(const float* dy, const float* x, Py_ssize_t n,
  * build) in double with the mean mh + ml. */
 static inline void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W,
                                     const float* mh, const float* ml, const float* a,
-                                    const float* b, float* y) {
+                                    const float* b, float* y, int stream) {
     Py_ssize_t m, w;
     for (m = 0; m < rows; m++) {
         const float* r = x + m * W;
         float* o = y + m * W;
         w = 0;
 #if FN_SIMD
+        int s = fn_can_stream(o, stream) && W % 4 == 0;
         for (; w + 8 <= W; w += 8) {
             __m256 c = fn_center8(_mm256_loadu_ps(r + w), _mm256_loadu_ps(mh + w),
                                   _mm256_loadu_ps(ml + w));
-            _mm256_storeu_ps(o + w, _mm256_fmadd_ps(c, _mm256_loadu_ps(a + w),
-                                                    _mm256_loadu_ps(b + w)));
+            fn_st8(o + w, _mm256_fmadd_ps(c, _mm256_loadu_ps(a + w), _mm256_loadu_ps(b + w)),
+                   s);
         }
 #endif
         for (; w < W; w++)
@@ -573,7 +611,7 @@ static inline void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t 
 static inline void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows,
                                 Py_ssize_t W, const float* mh, const float* ml,
                                 const float* k1, const float* k2, const float* k3,
-                                float* dx) {
+                                float* dx, int stream) {
     Py_ssize_t m, w;
     for (m = 0; m < rows; m++) {
         const float* g = dy + m * W;
@@ -581,12 +619,13 @@ static inline void fn_col_dx_ps(const float* dy, const float* x, Py_ssize_t rows
         float* o = dx + m * W;
         w = 0;
 #if FN_SIMD
+        int s = fn_can_stream(o, stream) && W % 4 == 0;
         for (; w + 8 <= W; w += 8) {
             __m256 c = fn_center8(_mm256_loadu_ps(r + w), _mm256_loadu_ps(mh + w),
                                   _mm256_loadu_ps(ml + w));
             __m256 t = _mm256_fmadd_ps(c, _mm256_loadu_ps(k2 + w), _mm256_loadu_ps(k3 + w));
-            _mm256_storeu_ps(o + w, _mm256_fmadd_ps(_mm256_loadu_ps(g + w),
-                                                    _mm256_loadu_ps(k1 + w), t));
+            fn_st8(o + w, _mm256_fmadd_ps(_mm256_loadu_ps(g + w), _mm256_loadu_ps(k1 + w), t),
+                   s);
         }
 #endif
         for (; w < W; w++)

@@ -40,6 +40,8 @@ class CompiledBackend:
         self._forward_fused = getattr(kernels, "forward_fused", None)
         self._backward_fused = getattr(kernels, "backward_fused", None)
         self._apply_fused = getattr(kernels, "apply_fused", None)
+        if hasattr(kernels, "stream_min_bytes"):  # Cython: streaming stores for large outputs
+            kernels.stream_min_bytes(_config.STREAM_MIN_BYTES)
 
     # -- helpers -------------------------------------------------------------------------
     def _threads(self, size):
