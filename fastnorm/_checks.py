@@ -17,6 +17,8 @@ _LAYOUTS = {"nchw": "NCHW", "channels_first": "NCHW", "ncl": "NCHW", "ncdhw": "N
 
 def layout(value, name="layout"):
     """'NCHW' or 'NHWC' from any accepted spelling (case-insensitive)."""
+    if type(value) is str and (value == "NCHW" or value == "NHWC"):  # the common case
+        return value
     if isinstance(value, str):
         key = _LAYOUTS.get(value.strip().lower())
         if key is not None:
@@ -44,6 +46,9 @@ def param(p, name, shape, dtype):
     """None, or a float ndarray of exactly ``shape``, returned contiguous in ``dtype``."""
     if p is None:
         return None
+    if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape \
+            and p.flags.c_contiguous:  # the common case, quickly
+        return p
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(p).__name__}")
     if p.dtype not in FLOAT_DTYPES:

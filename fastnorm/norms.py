@@ -92,9 +92,15 @@ def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_v
 
 
 def _apply(x, dims, mean, invstd, weight, bias, out):
+    """y with given statistics (P*G values of either float dtype; the backend's
+    ``apply_fused`` reads them as they are, ``apply`` takes float64)."""
     y = _checks.out(out, x.shape, x.dtype)
-    k = get_kernels()  # apply_fused: one call (Cython)
-    getattr(k, "apply_fused", k.apply)(x, dims, mean, invstd, weight, bias, y)
+    k = get_kernels()
+    fused = getattr(k, "apply_fused", None)  # one call (compiled backends)
+    if fused is not None:
+        fused(x, dims, mean, invstd, weight, bias, y)
+    else:
+        k.apply(x, dims, _stat64(mean), _stat64(invstd), weight, bias, y)
     return y
 
 
@@ -265,8 +271,8 @@ def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=
     (the folded inference transform y = a*x + b, a = weight*invstd, b = bias - mean*a)."""
     x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
     C, dims = channel_view(x, layout)
-    return _apply(x, dims, _stat64(_saved(mean, "mean", C)),
-                  _stat64(_saved(invstd, "invstd", C)), weight, bias, out)
+    return _apply(x, dims, _saved(mean, "mean", C), _saved(invstd, "invstd", C), weight,
+                  bias, out)
 
 
 def batch_norm_eval_fast(x, mean, invstd, weight, bias, layout):
