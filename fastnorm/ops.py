@@ -1072,7 +1072,10 @@ class MaxPool2d(Function):
             return out
         win = _windows(_pad(x, padding, layout, -np.inf), kernel, stride, layout)
         flat = win.reshape(*win.shape[:4], kernel[0] * kernel[1])
-        index = flat.argmax(axis=-1)  # first maximum (or first NaN), like PyTorch
+        index = flat.argmax(axis=-1)  # the first maximum, or the first NaN ...
+        nan = np.isnan(flat)
+        last_nan = flat.shape[-1] - 1 - nan[..., ::-1].argmax(axis=-1)
+        index = np.where(nan.any(axis=-1), last_nan, index)  # ... but PyTorch takes the last
         out = np.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
         ctx.save_for_backward(index.astype(np.int32))
         return out

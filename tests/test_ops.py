@@ -320,6 +320,34 @@ def test_pools_match_torch(layout, case, kind):
     assert_close(t.grad, gx_ref)
 
 
+@pytest.mark.parametrize("helper", [True, False], ids=["cython", "numpy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypatch):
+    """Ties go to the window's first maximum and a NaN wins (PyTorch's CPU kernel keeps the
+    last of several), so the gradient lands where PyTorch puts it: with the Cython helper
+    and with the NumPy code that serves without it."""
+    if not helper:
+        monkeypatch.setattr(ops, "_infer", None)
+    k, s, p = case
+    x = np.floor(f32(2, 3, 9, 10) * 1.5)  # few distinct values: many ties
+    x[0, 1, 2, 3] = np.nan
+    x[1, 2, 5, 5] = x[1, 2, 5, 6] = x[1, 2, 6, 5] = np.nan
+    tx = torch.tensor(x, requires_grad=True)
+    y_ref = TF.max_pool2d(tx, k, s, p)
+    g = rand(*y_ref.shape, dtype=np.float32, seed=3)
+    y_ref.backward(torch.tensor(g))
+    y_ref, gx_ref = y_ref.detach().numpy(), tx.grad.numpy()
+    if layout == "NHWC":
+        x, g, y_ref, gx_ref = nhwc(x), nhwc(g), nhwc(y_ref), nhwc(gx_ref)
+    t = Tensor(x, requires_grad=True)
+    y = F.max_pool2d(t, k, s, p, layout=layout)
+    y.backward(g)
+    np.testing.assert_array_equal(y.data, y_ref)  # NaN where PyTorch has NaN
+    # (overlapping windows add into one input in another order: rounding only)
+    np.testing.assert_allclose(t.grad, gx_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_max_pool_nan_propagates_like_torch():
     x = f32(1, 1, 4, 4)
     x[0, 0, 1, 1] = np.nan

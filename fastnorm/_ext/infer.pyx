@@ -320,44 +320,68 @@ def max_pool(cnp.ndarray x, cnp.ndarray out, kernel, stride, padding, bint nhwc)
 
 
 # ------------------------------------------------------ max_pool with argmax (training) ----
+cdef extern from "_pool.h" nogil:
+    void fn_windows_argmax_f32(const float* xw, Py_ssize_t istride, Py_ssize_t L,
+                               Py_ssize_t shh, Py_ssize_t sww, Py_ssize_t alo,
+                               Py_ssize_t ahi, Py_ssize_t blo, Py_ssize_t bhi, Py_ssize_t kW,
+                               float* out, int* index)
+    void fn_windows_argmax_f64(const double* xw, Py_ssize_t istride, Py_ssize_t L,
+                               Py_ssize_t shh, Py_ssize_t sww, Py_ssize_t alo,
+                               Py_ssize_t ahi, Py_ssize_t blo, Py_ssize_t bhi, Py_ssize_t kW,
+                               double* out, int* index)
+
+
+cdef inline void _windows_argmax(const real* xw, Py_ssize_t istride, Py_ssize_t L,
+                                 Py_ssize_t shh, Py_ssize_t sww, Py_ssize_t alo,
+                                 Py_ssize_t ahi, Py_ssize_t blo, Py_ssize_t bhi,
+                                 Py_ssize_t kW, real* out, int* index) noexcept nogil:
+    """L windows at once (see _pool.h): window i at xw + i * istride."""
+    if real is float:
+        fn_windows_argmax_f32(xw, istride, L, shh, sww, alo, ahi, blo, bhi, kW, out, index)
+    else:
+        fn_windows_argmax_f64(xw, istride, L, shh, sww, alo, ahi, blo, bhi, kW, out, index)
+
+
 cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, Py_ssize_t C,
                            Py_ssize_t H, Py_ssize_t W, Py_ssize_t sn, Py_ssize_t sc,
                            Py_ssize_t shh, Py_ssize_t sww, Py_ssize_t kH, Py_ssize_t kW,
                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                            Py_ssize_t Ho, Py_ssize_t Wo, bint nhwc) noexcept nogil:
     """out = the window maximum, index = its offset a * kW + b in the window (the first
-    maximum, or the first NaN, as PyTorch); outputs C-contiguous in x's layout."""
-    cdef Py_ssize_t n, c, oh, ow, a, b, a0, b0, o, best
-    cdef real m, v
-    cdef bint take
-    cdef const real* xc
+    maximum, or the last NaN, as PyTorch); outputs C-contiguous in x's layout.  Windows
+    go in groups of the same shape (see _pool.h): NHWC the C channels of an output
+    position, NCHW the windows of an output row that lie inside the input, and its edge
+    windows one at a time."""
+    cdef Py_ssize_t n, c, oh, ow, a0, b0, alo, ahi, o, lo, hi
+    # output columns whose windows lie inside the input: b0 >= 0 and b0 + kW <= W
+    lo = (pw + sw - 1) // sw
+    hi = max(lo, min(Wo, (W + pw - kW) // sw + 1))
     for n in range(N):
-        for c in range(C):
-            xc = x + n * sn + c * sc
-            for oh in range(Ho):
-                a0 = oh * sh - ph
+        for oh in range(Ho):
+            a0 = oh * sh - ph
+            alo = max(0, -a0)
+            ahi = min(kH, H - a0)
+            if nhwc:  # channels innermost, as stored
                 for ow in range(Wo):
                     b0 = ow * sw - pw
-                    best = -1
-                    m = 0
-                    for a in range(kH):
-                        if a0 + a < 0 or a0 + a >= H:
-                            continue
-                        for b in range(kW):
-                            if b0 + b < 0 or b0 + b >= W:
-                                continue
-                            v = xc[(a0 + a) * shh + (b0 + b) * sww]
-                            # without branches (selects): which value wins is data, and
-                            # mispredicted jumps made this 3x slower
-                            take = (best < 0) | (v > m) | ((v != v) & (m == m))
-                            m = v if take else m
-                            best = a * kW + b if take else best
-                    if nhwc:
-                        o = ((n * Ho + oh) * Wo + ow) * C + c
-                    else:
-                        o = ((n * C + c) * Ho + oh) * Wo + ow
-                    out[o] = m
-                    index[o] = <int>best
+                    o = ((n * Ho + oh) * Wo + ow) * C
+                    _windows_argmax(x + n * sn + a0 * shh + b0 * sww, sc, C, shh, sww, alo,
+                                    ahi, max(0, -b0), min(kW, W - b0), kW, out + o,
+                                    index + o)
+                continue
+            for c in range(C):
+                o = ((n * C + c) * Ho + oh) * Wo
+                for ow in range(Wo):
+                    if ow == lo and hi > lo:  # the interior windows together
+                        _windows_argmax(x + n * sn + c * sc + a0 * shh + (lo * sw - pw) * sww,
+                                        sw * sww, hi - lo, shh, sww, alo, ahi, 0, kW, kW,
+                                        out + o + lo, index + o + lo)
+                    if lo <= ow < hi:
+                        continue
+                    b0 = ow * sw - pw
+                    _windows_argmax(x + n * sn + c * sc + a0 * shh + b0 * sww, 0, 1, shh,
+                                    sww, alo, ahi, max(0, -b0), min(kW, W - b0), kW,
+                                    out + o + ow, index + o + ow)
 
 
 cdef void _max_pool_backward(const real* grad, const int* index, real* gx, Py_ssize_t N,
