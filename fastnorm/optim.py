@@ -9,6 +9,11 @@ import numbers
 
 import numpy as np
 
+try:  # one-pass updates (Cython); the NumPy code below without them
+    from ._ext import optim as _kernels
+except ImportError:
+    _kernels = None
+
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
 
 
@@ -209,12 +214,17 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = np.zeros_like(param)
         state["step"] += 1
         step = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if _kernels is not None and grad.dtype == param.dtype and grad.flags.c_contiguous \
+                and param.flags.c_contiguous and exp_avg.dtype == param.dtype:
+            _kernels.adam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, step,
+                          self._decoupled)  # one pass instead of ~10 NumPy operations
+            return
         if wd != 0:
             if self._decoupled:
                 param *= t(1.0 - lr * wd)
             else:
                 grad = grad + param * t(wd)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg += (grad - exp_avg) * t(1.0 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq *= t(beta2)
         exp_avg_sq += grad * grad * t(1.0 - beta2)

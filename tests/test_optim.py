@@ -20,9 +20,15 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["cython", "numpy"])
 @pytest.mark.parametrize("name,kw", CONFIGS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_update_rule_matches_torch(name, kw, dtype):
+def test_update_rule_matches_torch(name, kw, dtype, one_pass, monkeypatch):
+    """Both ways of updating (the one-pass Cython kernel where built, NumPy operations)."""
+    if not one_pass:
+        monkeypatch.setattr(optim, "_kernels", None)
+    elif optim._kernels is None:
+        pytest.skip("the Cython optimizer kernels are not built")
     rng = np.random.default_rng(1)
     w = rng.standard_normal((5, 3)).astype(dtype)
     p = fn.Tensor(w.copy(), requires_grad=True)
