@@ -14,7 +14,12 @@ import os
 # number of threads.
 MAX_CHUNKS = 64          # chunks of one parallel loop (>= threads we expect, for balance)
 MIN_CHUNK_ELEMENTS = 16384  # below this a chunk is not worth a task of its own
-PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller passes run on the calling thread alone
+# Smaller passes run on the calling thread alone.  On a quiet machine two threads pay
+# from 32K values: (32,16,8,8) BatchNorm forward 11.7-16.1 -> 9.9 us, (128,512)
+# forward+backward 63-96 -> 55 us, both in one run; on a loaded one an OpenMP region can
+# wait milliseconds for a descheduled thread, so services with many request threads
+# should call set_num_threads(1) (docs/inference.md).
+PARALLEL_MIN_ELEMENTS = 1 << 15
 SPLIT_UNITS_BELOW = 8    # a reduction with fewer independent groups than this ...
 SPLIT_MIN_ELEMENTS = 1 << 16  # ... and at least this many elements per group is split
 # Groups of strided runs (BatchNorm NCHW) at least this large are read in memory order as
