@@ -444,6 +444,12 @@ def col_apply(x, P, M, W, Ks, nch, alpha, beta, y, nthreads):
         al = alpha[p * W:(p + 1) * W]
         be = beta[p * W:(p + 1) * W]
         for m in range(m0, m1):
+            if Ks == 1:  # a row of W values (vectorized)
+                xr = x[(p * M + m) * W:(p * M + m + 1) * W]
+                yr = y[(p * M + m) * W:(p * M + m + 1) * W]
+                for w in range(W):
+                    yr[w] = np.float64(xr[w]) * al[w] + be[w]
+                continue
             for w in range(W):
                 lo = ((p * M + m) * W + w) * Ks
                 xr = x[lo:lo + Ks]
@@ -503,6 +509,14 @@ def col_apply_backward(dy, x, P, M, W, Ks, nch, k1, k2, k3, dx, nthreads):
         c2 = k2[p * W:(p + 1) * W]
         c3 = k3[p * W:(p + 1) * W]
         for m in range(m0, m1):
+            if Ks == 1:  # a row of W values (vectorized)
+                lo = (p * M + m) * W
+                dyr = dy[lo:lo + W]
+                xr = x[lo:lo + W]
+                dxr = dx[lo:lo + W]
+                for w in range(W):
+                    dxr[w] = np.float64(dyr[w]) * c1[w] + np.float64(xr[w]) * c2[w] + c3[w]
+                continue
             for w in range(W):
                 lo = ((p * M + m) * W + w) * Ks
                 dyr = dy[lo:lo + Ks]
