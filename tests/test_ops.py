@@ -306,9 +306,17 @@ def test_pools_match_torch(layout, case, kind):
         ours = lambda t: F.avg_pool2d(t, k, s, p, layout=layout,  # noqa: E731
                                       count_include_pad=include)
         ref = lambda t: TF.avg_pool2d(t, k, s, p, count_include_pad=include)  # noqa: E731
+    y, gx, y_ref, gx_ref = _pool_pair(x, ours, ref, layout, seed=7)
+    assert_close(y, y_ref)
+    assert_close(gx, gx_ref)
+
+
+def _pool_pair(x, ours, ref, layout, seed):
+    """(y, dx) of ``ours`` and of PyTorch's ``ref`` for an NCHW input x and a random
+    output gradient, all in ``layout``."""
     tx = torch.tensor(x, requires_grad=True)
     y_ref = ref(tx)
-    g = rand(*y_ref.shape, dtype=np.float32, seed=7)
+    g = rand(*y_ref.shape, dtype=np.float32, seed=seed)
     y_ref.backward(torch.tensor(g))
     y_ref, gx_ref = y_ref.detach().numpy(), tx.grad.numpy()
     if layout == "NHWC":
@@ -316,8 +324,7 @@ def test_pools_match_torch(layout, case, kind):
     t = Tensor(x, requires_grad=True)
     y = ours(t)
     y.backward(g)
-    assert_close(y.data, y_ref)
-    assert_close(t.grad, gx_ref)
+    return y.data, t.grad, y_ref, gx_ref
 
 
 @pytest.mark.parametrize("helper", [True, False], ids=["cython", "numpy"])
@@ -333,19 +340,11 @@ def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypat
     x = np.floor(f32(2, 3, 9, 10) * 1.5)  # few distinct values: many ties
     x[0, 1, 2, 3] = np.nan
     x[1, 2, 5, 5] = x[1, 2, 5, 6] = x[1, 2, 6, 5] = np.nan
-    tx = torch.tensor(x, requires_grad=True)
-    y_ref = TF.max_pool2d(tx, k, s, p)
-    g = rand(*y_ref.shape, dtype=np.float32, seed=3)
-    y_ref.backward(torch.tensor(g))
-    y_ref, gx_ref = y_ref.detach().numpy(), tx.grad.numpy()
-    if layout == "NHWC":
-        x, g, y_ref, gx_ref = nhwc(x), nhwc(g), nhwc(y_ref), nhwc(gx_ref)
-    t = Tensor(x, requires_grad=True)
-    y = F.max_pool2d(t, k, s, p, layout=layout)
-    y.backward(g)
-    np.testing.assert_array_equal(y.data, y_ref)  # NaN where PyTorch has NaN
+    y, gx, y_ref, gx_ref = _pool_pair(x, lambda t: F.max_pool2d(t, k, s, p, layout=layout),
+                                      lambda t: TF.max_pool2d(t, k, s, p), layout, seed=3)
+    np.testing.assert_array_equal(y, y_ref)  # NaN where PyTorch has NaN
     # (overlapping windows add into one input in another order: rounding only)
-    np.testing.assert_allclose(t.grad, gx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_max_pool_nan_propagates_like_torch():
