@@ -51,9 +51,9 @@ def _last_level_cache_bytes(default=32 << 20):
 # Passes whose float32 output has at least this many bytes write it with streaming stores
 # (Cython; see fn_st8 in fastnorm/_ext/_simd.h): the output and its input no longer fit
 # the last-level cache, and a plain store would first read each line it writes.  Applied
-# when a backend is created.  Measured on (256,32,28,28) BatchNorm (25 MB): forward
-# 1.74 -> 1.51 ms, backward 3.4 -> 3.0 ms, eval 1.29 -> 1.02 ms; on (64,64,28,28) (13 MB,
-# x and y fit the 32 MB cache) streaming was 1.4-1.8x slower.
+# when a backend is created.  (256,28,28,32) BatchNorm (25 MB) forward 2.66 -> 2.00 ms;
+# at 13 MB, where x and y fit the 32 MB cache, streaming was 1.4-1.8x slower (figures in
+# docs/performance.md).
 STREAM_MIN_BYTES = _last_level_cache_bytes() // 2
 
 # Whole training passes in one kernel call where the backend has them (Cython); False

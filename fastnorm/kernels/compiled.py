@@ -14,7 +14,7 @@ Two kernel shapes cover every normalization and layout:
   ``(P, M, W, Ks)``, a column being a run of Ks values per row; row blocks read x in
   memory order and accumulate per-column sums in their own float64 buffers, merged in a
   fixed order, then one more pass applies per-column coefficients.  (A group of strided
-  runs read group by group defeats the prefetchers: (256,32,28,28) sums took 1.3 ms so
+  runs read group by group defeats the prefetchers: (256,32,28,28) sums took 1.3 ms
   against 0.43 ms in memory order.)
 
 Work is split by problem size only (see _config), so results do not depend on the thread
