@@ -61,6 +61,8 @@ cdef extern from "_simd.h" nogil:
     void fn_sfence()
     void fn_gsums_w_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
                         double mean, double* A, double* B)
+    void fn_row_pgrads_f32(const float* dy, const float* x, Py_ssize_t n, double mean,
+                           double invstd, double* dw, double* db)
     void fn_split(double v, float* hi, float* lo)
     void fn_col_affine_ps(const float* x, Py_ssize_t rows, Py_ssize_t W, const float* mh,
                           const float* ml, const float* a, const float* b, float* y,
@@ -932,10 +934,14 @@ cdef inline void _row_param_grads_block(const floating* dy, const floating* x,
         off = r * K
         mu = mean[r]
         s = invstd[r]
-        for k in range(k0, k1):
-            d = <double>dy[off + k]
-            dweight[k] += d * (<double>x[off + k] - mu) * s
-            dbias[k] += d
+        if floating is float:
+            fn_row_pgrads_f32(dy + off + k0, x + off + k0, k1 - k0, mu, s, dweight + k0,
+                              dbias + k0)
+        else:
+            for k in range(k0, k1):
+                d = <double>dy[off + k]
+                dweight[k] += d * (<double>x[off + k] - mu) * s
+                dbias[k] += d
 
 
 def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,

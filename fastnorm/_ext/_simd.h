@@ -681,4 +681,37 @@ static inline void fn_gsums_w_f32(const float* dy, const float* x, const float* 
     *B = b;
 }
 
+/* Parameter gradients of a row norm, one row: dw[k] += dy[k] * (x[k] - mean) * invstd,
+ * db[k] += dy[k] (the accumulators in memory, double).  The product is formed in float32
+ * with the split mean, as in fn_gsums_w_f32; the accumulation stays in double.  In plain
+ * double the loop ran at ~17 GB/s, under half the bandwidth of the pass. */
+static inline void fn_row_pgrads_f32(const float* dy, const float* x, Py_ssize_t n,
+                                     double mean, double invstd, double* dw, double* db) {
+    Py_ssize_t j = 0;
+#if FN_SIMD
+    float mh, ml;
+    fn_split(mean, &mh, &ml);
+    __m256 vh = _mm256_set1_ps(mh), vl = _mm256_set1_ps(ml);
+    __m256 vs = _mm256_set1_ps((float)invstd);
+    for (; j + 8 <= n; j += 8) {
+        __m256 g = _mm256_loadu_ps(dy + j);
+        __m256 p = _mm256_mul_ps(_mm256_mul_ps(g, fn_center8(_mm256_loadu_ps(x + j), vh, vl)),
+                                 vs);
+        __m256d p0 = _mm256_cvtps_pd(_mm256_castps256_ps128(p));
+        __m256d p1 = _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1));
+        __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+        __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        _mm256_storeu_pd(dw + j, _mm256_add_pd(_mm256_loadu_pd(dw + j), p0));
+        _mm256_storeu_pd(dw + j + 4, _mm256_add_pd(_mm256_loadu_pd(dw + j + 4), p1));
+        _mm256_storeu_pd(db + j, _mm256_add_pd(_mm256_loadu_pd(db + j), g0));
+        _mm256_storeu_pd(db + j + 4, _mm256_add_pd(_mm256_loadu_pd(db + j + 4), g1));
+    }
+#endif
+    for (; j < n; j++) {
+        double d = (double)dy[j];
+        dw[j] += d * ((double)x[j] - mean) * invstd;
+        db[j] += d;
+    }
+}
+
 #endif
