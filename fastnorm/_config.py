@@ -49,12 +49,13 @@ def _last_level_cache_bytes(default=32 << 20):
 
 
 # Passes whose float32 output has at least this many bytes write it with streaming stores
-# (Cython; see fn_st8 in fastnorm/_ext/_simd.h): the output and its input no longer fit
-# the last-level cache, and a plain store would first read each line it writes.  Applied
-# when a backend is created.  (256,28,28,32) BatchNorm (25 MB) forward 2.66 -> 2.00 ms;
-# at 13 MB, where x and y fit the 32 MB cache, streaming was 1.4-1.8x slower (figures in
-# docs/performance.md).
-STREAM_MIN_BYTES = _last_level_cache_bytes() // 2
+# (Cython; see fn_st8 in fastnorm/_ext/_simd.h): a plain store first reads each line it
+# writes, and input and output together no longer stay in the last-level cache.  3/8 of
+# it, as glibc's memcpy streams above 3/4 of a core's share.  Applied when a backend is
+# created.  (256,28,28,32) BatchNorm (25 MB) forward 2.66 -> 2.00 ms; GroupNorm
+# (16,256,28,28) (12.8 MB) forward 0.72 -> 0.49 ms; a first version that streamed every
+# output was 4-10x slower on 1.6 MB (figures in docs/performance.md).
+STREAM_MIN_BYTES = _last_level_cache_bytes() * 3 // 8
 
 # Whole training passes in one kernel call where the backend has them (Cython); False
 # takes the general path (the kernels between NumPy steps), for comparisons and tests.
