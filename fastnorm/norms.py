@@ -202,12 +202,11 @@ def _fixed_stats(running_mean, running_var, eps):
             _invstd(running_var.astype(np.float64), eps))
 
 
-def _eval(x, layout, C, running_mean, running_var, weight, bias, eps, out, mode):
+def _eval(x, dims, C, running_mean, running_var, weight, bias, eps, out, mode):
     """Normalization with the running statistics per channel (BatchNorm in eval,
     InstanceNorm without input statistics): the backend's ``eval_fused`` (one call from
     the buffers) when it has one, else the float64 statistics and ``apply``."""
     _check_running_pair(running_mean, running_var, C, mode)
-    dims = channel_view(x, layout)[1]
     y = _checks.out(out, x.shape, x.dtype)
     fused = getattr(get_kernels(), "eval_fused", None)
     if fused is not None and fused(x, dims, _contiguous(running_mean),
@@ -232,6 +231,41 @@ def _bn_prepare(x, weight, bias, layout, name="input"):
     return x, weight, bias, layout, C
 
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _as_is(p, dtype, C):
+    """A parameter the kernels take as it is: None or a C-contiguous (C,) array of dtype."""
+    return p is None or (type(p) is np.ndarray and p.dtype is dtype and p.shape == (C,)
+                         and p.flags.c_contiguous)
+
+
+def _bn_args(x, weight, bias, layout):
+    """``(x, weight, bias, layout, C, dims)``: BatchNorm's validated arguments and view.
+    Arguments the kernels take as they are (a C-contiguous float32/float64 ndarray with
+    values and 2+ dimensions, ``layout`` spelled 'NCHW' or 'NHWC', parameters None or
+    C-contiguous ``(C,)`` arrays of x's dtype) are recognised with a few attribute reads
+    (~0.4 us instead of ~1.3 us); anything else takes ``_bn_prepare``, which converts or
+    raises with the messages naming the argument."""
+    if type(x) is np.ndarray and type(layout) is str and x.flags.c_contiguous:
+        dt = x.dtype
+        shape = x.shape
+        size = x.size
+        if (dt is _FLOAT32 or dt is _FLOAT64) and len(shape) >= 2 and size:
+            if layout == "NCHW":
+                C = shape[1]
+                dims = (1, shape[0], C, 1, size // (shape[0] * C))
+            elif layout == "NHWC":
+                C = shape[-1]
+                dims = (1, size // C, C, 1, 1)
+            else:
+                C = 0
+            if C and _as_is(weight, dt, C) and _as_is(bias, dt, C):
+                return x, weight, bias, layout, C, dims
+    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    return (x, weight, bias, layout) + channel_view(x, layout)
+
+
 def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=None, *,
                      running_mean=None, running_var=None, momentum=0.1):
     """BatchNorm with batch statistics; returns ``(y, mean, invstd)``.
@@ -240,10 +274,9 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=Non
     invstd = 1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias.  Running
     buffers, when given, are updated in place as in ``batch_norm``.
     """
-    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    x, weight, bias, layout, C, dims = _bn_args(x, weight, bias, layout)
     eps = _checks.eps(eps)
     momentum = _check_running(running_mean, running_var, C, momentum)
-    C, dims = channel_view(x, layout)
     if x.size == C:
         raise _one_value_error(x)
     return _train(x, dims, weight, bias, eps, True, out, running_mean, running_var, momentum)
@@ -258,8 +291,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=Non
     dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy); both None unless
     ``param_grads`` (default: ``weight is not None``).
     """
-    x, weight, _, layout, C = _bn_prepare(x, weight, None, layout)
-    C, dims = channel_view(x, layout)
+    x, weight, _, layout, C, dims = _bn_args(x, weight, None, layout)
     if param_grads is None:
         param_grads = weight is not None
     return _backward(dy, x, dims, _saved(mean, "mean", C),
@@ -269,8 +301,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=Non
 def batch_norm_eval(x, mean, invstd, weight=None, bias=None, layout="NCHW", out=None):
     """y = (x - mean) * invstd * weight + bias with given per-channel statistics
     (the folded inference transform y = a*x + b, a = weight*invstd, b = bias - mean*a)."""
-    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
-    C, dims = channel_view(x, layout)
+    x, weight, bias, layout, C, dims = _bn_args(x, weight, bias, layout)
     return _apply(x, dims, _saved(mean, "mean", C), _saved(invstd, "invstd", C), weight,
                   bias, out)
 
@@ -321,9 +352,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if training:
         return batch_norm_train(x, weight, bias, eps, layout, out, running_mean=running_mean,
                                 running_var=running_var, momentum=momentum)[0]
-    x, weight, bias, layout, C = _bn_prepare(x, weight, bias, layout)
+    x, weight, bias, layout, C, dims = _bn_args(x, weight, bias, layout)
     eps = _checks.eps(eps)
-    return _eval(x, layout, C, running_mean, running_var, weight, bias, eps, out,
+    return _eval(x, dims, C, running_mean, running_var, weight, bias, eps, out,
                  "training=False")
 
 
@@ -484,8 +515,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
     # Fixed statistics per channel: the same transform as BatchNorm in eval mode.
-    return _eval(x, layout, C, running_mean, running_var, weight, bias, eps, None,
-                 "use_input_stats=False")
+    return _eval(x, channel_view(x, layout)[1], C, running_mean, running_var, weight, bias,
+                 eps, None, "use_input_stats=False")
 
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", param_grads=None):

@@ -235,6 +235,30 @@ def test_results_independent_of_thread_count(backend, norm, layout, shape, group
         assert_close(g1[name], g_ref[name], REF_RTOL[np.float32], f"d{name} vs reference")
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_batchnorm_argument_paths_agree(layout):
+    """BatchNorm recognises arguments the kernels take as they are with a few attribute
+    reads (norms._bn_args); others (a strided input, float64 parameters for float32 input,
+    a layout alias) are validated and converted.  Both give the same results."""
+    rng = np.random.default_rng(3)
+    shape = (4, 6, 5, 3) if layout == "NCHW" else (4, 5, 3, 6)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    alias = "channels_first" if layout == "NCHW" else "channels_last"
+    xs = np.asfortranarray(x)  # same values, not C-contiguous
+    runs = []
+    for xa, wa, ba, lay in ((x, w, b, layout),
+                            (xs, w.astype(np.float64), b.astype(np.float64), alias)):
+        y, mean, invstd = F.batch_norm_train(xa, wa, ba, layout=lay)
+        dx, dw, db = F.batch_norm_backward(dy, xa, mean, invstd, wa, layout=lay)
+        ye = F.batch_norm_eval(xa, mean, invstd, wa, ba, layout=lay)
+        runs.append((y, mean, invstd, dx, dw, db, ye))
+    for a, c in zip(*runs):
+        np.testing.assert_array_equal(a, c)
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_concurrent_calls_from_python_threads(backend):
     """Several Python threads calling the kernels at once (Numba's kernels release the
