@@ -66,9 +66,9 @@ static inline __m256 fn_center8(__m256 x, __m256 hi, __m256 lo) {
 
 /* Stores of 8 results: plain, or with ``s`` non-temporal (streaming: the line goes to
  * memory without being read first, and does not evict cached data).  A pass whose output
- * is larger than about half the last-level cache streams it: its lines would be evicted
- * before anyone reads them, and the read of each line a plain store makes first is a third
- * of the traffic of an apply pass.  16-byte halves, so 16-byte alignment suffices (NumPy's
+ * is large against the last-level cache (STREAM_MIN_BYTES, 3/8 of it) streams it: input
+ * and output no longer stay cached together, and the read of each line a plain store
+ * makes first is a third of the traffic of an apply pass.  16-byte halves, so 16-byte alignment suffices (NumPy's
  * allocations); callers pass s = 0 for a run that is not 16-byte aligned. */
 static inline void fn_st8(float* p, __m256 v, int s) {
     if (s) {
