@@ -371,11 +371,11 @@ cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, P
                 continue
             for c in range(C):
                 o = ((n * C + c) * Ho + oh) * Wo
-                for ow in range(Wo):
-                    if ow == lo and hi > lo:  # the interior windows together
-                        _windows_argmax(x + n * sn + c * sc + a0 * shh + (lo * sw - pw) * sww,
-                                        sw * sww, hi - lo, shh, sww, alo, ahi, 0, kW, kW,
-                                        out + o + lo, index + o + lo)
+                if hi > lo:  # the interior windows together
+                    _windows_argmax(x + n * sn + c * sc + a0 * shh + (lo * sw - pw) * sww,
+                                    sw * sww, hi - lo, shh, sww, alo, ahi, 0, kW, kW,
+                                    out + o + lo, index + o + lo)
+                for ow in range(Wo):  # the edge windows one at a time
                     if lo <= ow < hi:
                         continue
                     b0 = ow * sw - pw
