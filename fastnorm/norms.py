@@ -252,7 +252,7 @@ def _bn_args(x, weight, bias, layout):
         shape = x.shape
         size = x.size
         if (dt is _FLOAT32 or dt is _FLOAT64) and len(shape) >= 2 and size:
-            if layout == "NCHW":
+            if layout == "NCHW":  # channel_view, inlined (calling it costs 0.1-0.4 us here)
                 C = shape[1]
                 dims = (1, shape[0], C, 1, size // (shape[0] * C))
             elif layout == "NHWC":
