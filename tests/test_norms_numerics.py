@@ -259,6 +259,107 @@ def test_batchnorm_argument_paths_agree(layout):
         np.testing.assert_array_equal(a, c)
 
 
+# Shapes around the driver's thresholds (fastnorm._config): segments, columns (NHWC),
+# columns of runs (NCHW from 256K values), segments split into parts (few channels of
+# 64K+ values: the one-call entries decline, the driver's general path runs), 2-D.
+FRONT_SHAPES = [((4, 6, 5, 3), "NCHW"), ((4, 5, 3, 6), "NHWC"), ((32, 16, 8, 8), "NCHW"),
+                ((8, 8, 64, 64), "NCHW"), ((2, 3, 200, 200), "NCHW"), ((2, 5), "NCHW"),
+                ((300, 7), "NHWC"), ((2, 70000, 3), "NHWC")]
+
+
+def _cython_backend():
+    if "cython" not in fn.backends():
+        pytest.skip("the Cython extension is not built")
+    return get_kernels("cython")
+
+
+@pytest.mark.parametrize("shape,layout", FRONT_SHAPES)
+def test_batchnorm_front_view_is_the_drivers(shape, layout):
+    """The one-call BatchNorm entries (bn_train/bn_eval/bn_backward) pick the view, row
+    blocks and thread count as the driver does, and decline where its one-call passes
+    do not serve (segments split into parts)."""
+    from fastnorm import _config, norms
+    k = _cython_backend()
+    x = np.zeros(shape, np.float32)
+    C, dims = norms.channel_view(x, layout)
+    for nthreads in (1, 2, 3):
+        got = k.k.bn_view(x, layout, nthreads)
+        served = k._is_columns(dims) or k._nparts(dims) == 1
+        if not served:
+            assert got is None
+            continue
+        threads = 1 if x.size < _config.PARALLEL_MIN_ELEMENTS else nthreads
+        assert got == (dims[1], C, dims[4], k._nch(dims), threads)
+    assert k.k.bn_view(x, layout.lower(), 1) is None  # spelled otherwise: declined
+    strided = np.zeros(shape[:-1] + (2 * shape[-1],), np.float32)[..., ::2]
+    assert k.k.bn_view(strided, layout, 1) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,layout", FRONT_SHAPES)
+def test_batchnorm_front_matches_validated_path(shape, layout, dtype):
+    """BatchNorm through the one-call entries gives the bits of the validated path (the
+    layout spelled as an alias, which the entries decline): train with running buffers
+    (float32 and float64), eval from them, backward with and without parameter
+    gradients, fresh outputs and ``out=``."""
+    _cython_backend()
+    rng = np.random.default_rng(5)
+    C = shape[1] if layout == "NCHW" else shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    alias = "channels_first" if layout == "NCHW" else "channels_last"
+    runs = []
+    with fn.use_backend("cython"):
+        for lay in (layout, alias):
+            rm = np.zeros(C, np.float32)
+            rv = np.ones(C, np.float64)
+            y, mean, invstd = F.batch_norm_train(x, w, b, layout=lay, running_mean=rm,
+                                                 running_var=rv, momentum=0.25)
+            out = np.empty_like(x)
+            y2 = F.batch_norm(x, rm, rv, w, None, training=True, layout=lay, out=out)
+            assert y2 is out
+            ye = F.batch_norm(x, rm, rv, w, b, training=False, layout=lay)
+            dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, layout=lay)
+            dx2, dw2, db2 = F.batch_norm_backward(dy, x, mean, invstd, None, layout=lay,
+                                                  out=np.empty_like(x), param_grads=True)
+            dx3, dw3, _ = F.batch_norm_backward(dy, x, mean, invstd, w, layout=lay,
+                                                param_grads=False)
+            assert dw3 is None
+            runs.append((y, mean, invstd, rm, rv, y2, ye, dx, dw, db, dx2, dw2, db2, dx3))
+    for a, c in zip(*runs):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        np.testing.assert_array_equal(a, c)
+
+
+def test_batchnorm_front_declines_what_it_does_not_take():
+    """Arguments the one-call entries do not take as they are give None (the validated
+    path then converts or raises), and nothing is written."""
+    k = _cython_backend()
+    x = np.ones((4, 3, 2, 2), np.float32)
+    w = np.ones(3, np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ro = rm.copy()
+    ro.flags.writeable = False
+    bad = [dict(x=x.astype(np.float16)), dict(x=x[:, :, :, :1]), dict(layout="nchw"),
+           dict(weight=w.astype(np.float64)), dict(weight=np.ones(4, np.float32)),
+           dict(eps=0.0), dict(eps=1), dict(momentum=2.0), dict(running_mean=ro),
+           dict(running_var=np.ones(4, np.float32)), dict(out=np.empty((4, 3, 2, 2))),
+           dict(out=np.empty((4, 3, 2, 1), np.float32)), dict(x=np.ones((1, 3), np.float32))]
+    for change in bad:
+        args = dict(x=x, weight=w, bias=None, eps=1e-5, layout="NCHW", out=None,
+                    running_mean=rm, running_var=rv, momentum=0.1)
+        args.update(change)
+        before = rm.copy(), rv.copy()
+        assert k.bn_train(*args.values(), 2) is None, change
+        np.testing.assert_array_equal(rm, before[0])
+        np.testing.assert_array_equal(rv, before[1])
+    assert k.bn_eval(x, None, rv, w, None, 1e-5, "NCHW", None, 1) is None
+    assert k.bn_backward(x.astype(np.float64), x, rm, rv, w, "NCHW", None, None, 1) is None
+    assert k.bn_backward(x, x, rm, rv, w, "NCHW", None, 1, 1) is None  # param_grads not bool
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_concurrent_calls_from_python_threads(backend):
     """Several Python threads calling the kernels at once (Numba's kernels release the

@@ -3,7 +3,7 @@
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, NAN
+from libc.math cimport sqrt, NAN, INFINITY
 
 cdef extern from *:
     """
@@ -1254,15 +1254,11 @@ cdef int _forward_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize
     return 0
 
 
-def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                  Py_ssize_t Ks, Py_ssize_t nch, weight, bias, double eps, bint center, y,
-                  mean_out, invstd_out, running_mean, running_var, double momentum,
-                  int nthreads):
-    """The training forward in one call (GIL released): y; the saved mean and invstd =
-    1/sqrt(var + eps) per group into mean_out/invstd_out (P*G values, either float
-    dtype; mean_out may be None); running buffers (G values, None to skip) moved towards
-    the statistics averaged over p, the variance unbiased by n/(n-1).  The column shape
-    sums ``nch`` row blocks per p; segments are not split."""
+cdef int _forward_call(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                       Py_ssize_t Ks, Py_ssize_t nch, weight, bias, double eps, bint center, y,
+                       mean_out, invstd_out, running_mean, running_var, double momentum,
+                       int nthreads) except -1:
+    """``forward_fused``, its arguments checked here."""
     cdef int t = _fused_input(x, P, M, G, Kc, Ks, nch, nthreads)
     cdef Py_ssize_t total = P * M * G * Kc * Ks
     cdef Py_ssize_t PG = P * G
@@ -1310,6 +1306,20 @@ def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
     free(st)
     if rc != 0:
         raise MemoryError()
+    return 0
+
+
+def forward_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                  Py_ssize_t Ks, Py_ssize_t nch, weight, bias, double eps, bint center, y,
+                  mean_out, invstd_out, running_mean, running_var, double momentum,
+                  int nthreads):
+    """The training forward in one call (GIL released): y; the saved mean and invstd =
+    1/sqrt(var + eps) per group into mean_out/invstd_out (P*G values, either float
+    dtype; mean_out may be None); running buffers (G values, None to skip) moved towards
+    the statistics averaged over p, the variance unbiased by n/(n-1).  The column shape
+    sums ``nch`` row blocks per p; segments are not split."""
+    _forward_call(x, P, M, G, Kc, Ks, nch, weight, bias, eps, center, y, mean_out,
+                  invstd_out, running_mean, running_var, momentum, nthreads)
 
 
 cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
@@ -1499,14 +1509,10 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
     return 0
 
 
-def backward_fused(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                   Py_ssize_t Ks, Py_ssize_t nch, Py_ssize_t nrch, Py_ssize_t nblk, mean,
-                   invstd, weight, bint center, dx, dweight, dbias, int nthreads):
-    """The backward in one call (GIL released): dx, and the parameter gradients into
-    dweight/dbias (G*Kc values, either float dtype, both or neither None).  mean (None:
-    zeros) and invstd are the saved statistics, P*G values of either float dtype.  The
-    column shape sums ``nch`` row blocks per p; row norms sum their parameter gradients
-    in ``nrch`` chunks of rows times ``nblk`` blocks of columns."""
+cdef int _backward_call(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                        Py_ssize_t Ks, Py_ssize_t nch, Py_ssize_t nrch, Py_ssize_t nblk, mean,
+                        invstd, weight, bint center, dx, dweight, dbias, int nthreads) except -1:
+    """``backward_fused``, its arguments checked here."""
     cdef int t = _fused_input(x, P, M, G, Kc, Ks, nch, nthreads)
     if nrch < 1 or nrch > P or nblk < 1 or nblk > Kc:
         raise ValueError("expected 1 <= nrch <= P and 1 <= nblk <= Kc")
@@ -1548,6 +1554,19 @@ def backward_fused(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t K
     free(st)
     if rc != 0:
         raise MemoryError()
+    return 0
+
+
+def backward_fused(dy, x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                   Py_ssize_t Ks, Py_ssize_t nch, Py_ssize_t nrch, Py_ssize_t nblk, mean,
+                   invstd, weight, bint center, dx, dweight, dbias, int nthreads):
+    """The backward in one call (GIL released): dx, and the parameter gradients into
+    dweight/dbias (G*Kc values, either float dtype, both or neither None).  mean (None:
+    zeros) and invstd are the saved statistics, P*G values of either float dtype.  The
+    column shape sums ``nch`` row blocks per p; row norms sum their parameter gradients
+    in ``nrch`` chunks of rows times ``nblk`` blocks of columns."""
+    _backward_call(dy, x, P, M, G, Kc, Ks, nch, nrch, nblk, mean, invstd, weight, center,
+                   dx, dweight, dbias, nthreads)
 
 
 cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t M,
@@ -1583,13 +1602,10 @@ cdef int _eval_fused(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t 
     return 0
 
 
-def apply_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
-                Py_ssize_t Ks, Py_ssize_t nch, mean, invstd, var, double eps, weight, bias,
-                y, int nthreads):
-    """y = (x - mean) * invstd * weight + bias in one call (GIL released), with the
-    statistics given as ``invstd`` or, when it is None, as ``var`` (invstd = 1/sqrt(var +
-    eps): running buffers); P*G values each, either float dtype.  The column shape in
-    ``nch`` row blocks per p."""
+cdef int _apply_call(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                     Py_ssize_t Ks, Py_ssize_t nch, mean, invstd, var, double eps, weight, bias,
+                     y, int nthreads) except -1:
+    """``apply_fused``, its arguments checked here."""
     cdef int t = _fused_input(x, P, M, G, Kc, Ks, nch, nthreads)
     cdef Py_ssize_t total = P * M * G * Kc * Ks
     cdef Py_ssize_t PG = P * G
@@ -1619,3 +1635,233 @@ def apply_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
     free(st)
     if rc != 0:
         raise MemoryError()
+    return 0
+
+
+def apply_fused(x, Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc,
+                Py_ssize_t Ks, Py_ssize_t nch, mean, invstd, var, double eps, weight, bias,
+                y, int nthreads):
+    """y = (x - mean) * invstd * weight + bias in one call (GIL released), with the
+    statistics given as ``invstd`` or, when it is None, as ``var`` (invstd = 1/sqrt(var +
+    eps): running buffers); P*G values each, either float dtype.  The column shape in
+    ``nch`` row blocks per p."""
+    _apply_call(x, P, M, G, Kc, Ks, nch, mean, invstd, var, eps, weight, bias, y, nthreads)
+
+
+# ----------------------------------------------------------------------------------------
+# BatchNorm in one call from its user-facing arguments (fastnorm.norms tries these first).
+# They take arguments as they are or not at all: x a C-contiguous float32/float64 ndarray
+# (not a subclass) with values and 2+ dimensions, layout exactly 'NCHW' or 'NHWC',
+# weight/bias None or C-contiguous (C,) arrays of x's dtype, buffers and outputs
+# C-contiguous and writable, eps and momentum Python floats in range.  Anything else,
+# and views the one-call passes do not serve, returns None: norms then validates,
+# converts and raises as before.  Checked in C, these cost ~0.5 us where the same checks
+# and the driver's decisions in Python cost ~4 us (a (1,16,8,8) training forward: 5.5
+# against 1.6 us for the kernel call).  The view and the work split are the driver's
+# (fastnorm.kernels.compiled), from the thresholds configure() copies from
+# fastnorm._config when the backend is created.
+# ----------------------------------------------------------------------------------------
+cdef Py_ssize_t _parallel_min = 1 << 15
+cdef Py_ssize_t _run_columns_min = 1 << 18
+cdef Py_ssize_t _min_chunk = 16384
+cdef Py_ssize_t _max_chunks = 64
+cdef Py_ssize_t _split_units_below = 8
+cdef Py_ssize_t _split_min = 1 << 16
+
+
+def configure(Py_ssize_t parallel_min, Py_ssize_t run_columns_min, Py_ssize_t min_chunk,
+              Py_ssize_t max_chunks, Py_ssize_t split_units_below, Py_ssize_t split_min):
+    """Copy the driver's work-split thresholds (fastnorm._config) for the bn_* entries."""
+    global _parallel_min, _run_columns_min, _min_chunk, _max_chunks, _split_units_below
+    global _split_min
+    if min_chunk < 1 or max_chunks < 1:
+        raise ValueError("min_chunk, max_chunks: expected >= 1")
+    _parallel_min, _run_columns_min, _min_chunk = parallel_min, run_columns_min, min_chunk
+    _max_chunks, _split_units_below, _split_min = max_chunks, split_units_below, split_min
+
+
+cdef struct BnView:
+    Py_ssize_t M, C, Ks, nch   # the view (1, M, C, 1, Ks) and its row blocks
+    int t                      # x's type number
+    int nt                     # threads for the pass
+
+
+cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef bint _bn_view(object x, object layout, int nthreads, BnView* v) noexcept:
+    """BatchNorm's view of x (channel_view) and the driver's split for it (``_nch``,
+    ``_nparts``, ``_threads``); False when x or layout is not taken as is, or when the
+    one-call passes do not serve the view (segments split into parts, one value)."""
+    if not cnp.PyArray_CheckExact(x) or type(layout) is not str:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef int nd = cnp.PyArray_NDIM(a)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or nd < 2 \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        return False
+    cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
+    if total < 2:
+        return False
+    if layout == "NCHW":
+        v.C = shape[1]
+        v.M = shape[0]
+        v.Ks = total // (shape[0] * shape[1])
+    elif layout == "NHWC":
+        v.C = shape[nd - 1]
+        v.M = total // v.C
+        v.Ks = 1
+    else:
+        return False
+    v.t = t
+    v.nt = 1 if total < _parallel_min else max(1, nthreads)
+    cdef Py_ssize_t n = v.M * v.Ks
+    if v.M > 1 and (v.Ks == 1 or total >= _run_columns_min):  # columns: _row_blocks
+        v.nch = max(1, min(v.M, min(_ceil_div(total, _min_chunk), _max_chunks)))
+        return True
+    v.nch = 1
+    if v.C >= _split_units_below or n < _split_min:  # segments, not split (_nparts 1)
+        return True
+    return max(1, min(_max_chunks // v.C, n // _min_chunk)) == 1
+
+
+def bn_view(x, layout, int nthreads):
+    """(M, C, Ks, nch, threads) of ``_bn_view``, or None (for tests against the driver)."""
+    cdef BnView v
+    if not _bn_view(x, layout, nthreads, &v):
+        return None
+    return v.M, v.C, v.Ks, v.nch, v.nt
+
+
+cdef inline bint _is_param(object p, int t, Py_ssize_t C) noexcept:
+    """None, or a C-contiguous aligned (C,) ndarray of type t."""
+    if p is None:
+        return True
+    if not cnp.PyArray_CheckExact(p):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>p
+    return cnp.PyArray_TYPE(a) == t and cnp.PyArray_NDIM(a) == 1 \
+        and cnp.PyArray_DIMS(a)[0] == C and cnp.PyArray_IS_C_CONTIGUOUS(a) \
+        and cnp.PyArray_ISALIGNED(a)
+
+
+cdef inline bint _is_float_vector(object p, Py_ssize_t C, bint writable,
+                                  bint any_shape) noexcept:
+    """A C-contiguous aligned float32/float64 ndarray of shape (C,) (any shape of C
+    values with ``any_shape``), writable when asked."""
+    if not cnp.PyArray_CheckExact(p):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>p
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return False
+    if any_shape:
+        if cnp.PyArray_SIZE(a) != C:
+            return False
+    elif cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != C:
+        return False
+    return cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a) \
+        and (not writable or cnp.PyArray_ISWRITEABLE(a))
+
+
+cdef inline object _result(object out, object x, int t):
+    """out when it is a C-contiguous aligned writable ndarray of x's shape and type;
+    a new array for None; else None."""
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), t, 0)
+    if not cnp.PyArray_CheckExact(out):
+        return None
+    cdef cnp.ndarray o = <cnp.ndarray>out
+    if cnp.PyArray_TYPE(o) != t or not cnp.PyArray_SAMESHAPE(o, a) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(o) or not cnp.PyArray_ISALIGNED(o) \
+            or not cnp.PyArray_ISWRITEABLE(o):
+        return None
+    return out
+
+
+cdef inline bint _is_eps(object eps) noexcept:
+    return type(eps) is float and 0.0 < <double>eps < INFINITY
+
+
+def bn_train(x, weight, bias, eps, layout, out, running_mean, running_var, momentum,
+             int nthreads):
+    """``batch_norm_train``: (y, mean, invstd), or None (see above)."""
+    cdef BnView v
+    if not _bn_view(x, layout, nthreads, &v) or not _is_eps(eps):
+        return None
+    if cnp.PyArray_SIZE(<cnp.ndarray>x) == v.C:  # one value per channel: norms raises
+        return None
+    if not _is_param(weight, v.t, v.C) or not _is_param(bias, v.t, v.C):
+        return None
+    if running_mean is not None or running_var is not None:
+        if type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0:
+            return None
+        if running_mean is not None and not _is_float_vector(running_mean, v.C, True, False):
+            return None
+        if running_var is not None and not _is_float_vector(running_var, v.C, True, False):
+            return None
+    y = _result(out, x, v.t)
+    if y is None:
+        return None
+    cdef cnp.npy_intp c = v.C
+    mean = cnp.PyArray_EMPTY(1, &c, v.t, 0)
+    invstd = cnp.PyArray_EMPTY(1, &c, v.t, 0)
+    _forward_call(x, 1, v.M, v.C, 1, v.Ks, v.nch, weight, bias, eps, True, y, mean, invstd,
+                  running_mean, running_var, momentum if type(momentum) is float else 0.0,
+                  v.nt)
+    return y, mean, invstd
+
+
+def bn_eval(x, running_mean, running_var, weight, bias, eps, layout, out, int nthreads):
+    """``batch_norm`` with training=False (the running statistics): y, or None."""
+    cdef BnView v
+    if not _bn_view(x, layout, nthreads, &v) or not _is_eps(eps):
+        return None
+    if not _is_param(weight, v.t, v.C) or not _is_param(bias, v.t, v.C):
+        return None
+    if not _is_float_vector(running_mean, v.C, True, False) \
+            or not _is_float_vector(running_var, v.C, True, False):
+        return None
+    y = _result(out, x, v.t)
+    if y is None:
+        return None
+    _apply_call(x, 1, v.M, v.C, 1, v.Ks, v.nch, running_mean, None, running_var, eps, weight,
+                bias, y, v.nt)
+    return y
+
+
+def bn_backward(dy, x, mean, invstd, weight, layout, out, param_grads, int nthreads):
+    """``batch_norm_backward``: (dx, dweight, dbias), or None."""
+    cdef BnView v
+    if not _bn_view(x, layout, nthreads, &v):
+        return None
+    if not _is_param(weight, v.t, v.C):
+        return None
+    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
+            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
+            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+        return None
+    if not _is_float_vector(mean, v.C, False, True) \
+            or not _is_float_vector(invstd, v.C, False, True):
+        return None
+    cdef bint grads
+    if param_grads is None:
+        grads = weight is not None
+    elif type(param_grads) is bool:
+        grads = param_grads
+    else:
+        return None
+    dx = _result(out, x, v.t)
+    if dx is None:
+        return None
+    cdef cnp.npy_intp c = v.C
+    dw = cnp.PyArray_EMPTY(1, &c, v.t, 0) if grads else None
+    db = cnp.PyArray_EMPTY(1, &c, v.t, 0) if grads else None
+    _backward_call(dy, x, 1, v.M, v.C, 1, v.Ks, v.nch, 1, 1, mean, invstd, weight, True, dx,
+                   dw, db, v.nt)
+    return dx, dw, db
