@@ -10,6 +10,19 @@ def pytest_addoption(parser):
                           "leave the CPUs idle (a shared machine; default 0: do not wait)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fixed_malloc_thresholds():
+    """glibc serves a large allocation from fresh mmap'd pages (a page fault per 4 KB, or
+    per 2 MB huge page with the zeroing) unless an earlier free raised its dynamic
+    threshold, so whether a row pays page faults depended on the rows that ran before
+    it: fastnorm's LayerNorm (4096,1024) forward took 26 faults per call before the
+    PyTorch blocks ran and none after, PyTorch's LayerNorm (8,1048576) 7,783.  Fixed
+    thresholds (``fastnorm.train.keep_freed_memory``, as ``fastnorm train`` sets them)
+    let both libraries reuse freed outputs up to 64 MB in every row."""
+    from fastnorm.train import keep_freed_memory
+    keep_freed_memory()
+
+
 @pytest.fixture(scope="session")
 def threads(request):
     n = request.config.getoption("--threads")
