@@ -34,7 +34,7 @@ import numbers
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
-from . import _checks, norms
+from . import _checks, _config, norms
 from ._random import generator
 from .autograd import Context, Tensor, is_grad_enabled, record, unbroadcast
 
@@ -867,14 +867,22 @@ def _require_4d(shape, name, layout):
         raise ValueError(f"{name}: expected a 4-D input ({axes}), got shape {shape}")
 
 
+def _helper_threads(size):
+    """Threads for a Cython helper pass over ``size`` values (im2col, col2im), as the
+    kernels decide theirs: one below ``_config.PARALLEL_MIN_ELEMENTS``."""
+    return 1 if size < _config.PARALLEL_MIN_ELEMENTS else _config.get_num_threads()
+
+
 def _im2col(x, kernel, stride, padding, layout, shape):
     """The column matrix of a convolution: NCHW (N, C*kH*kW, Ho*Wo), NHWC
     (N*Ho*Wo, kH*kW*C).  The Cython helper (fastnorm/_ext/infer.pyx) writes the same
     values in one pass from the unpadded input, 1.1-3.5x faster than padding and copying
-    the window view (measured (1,16,8,8) to (8,64,56,56)); NumPy when it is not built."""
+    the window view (measured (1,16,8,8) to (8,64,56,56)), its samples on the kernels'
+    threads from PARALLEL_MIN_ELEMENTS values; NumPy when it is not built."""
     if _infer is not None and x.dtype in _HELPER_DTYPES:
         cols = np.empty(shape, x.dtype)
-        _infer.im2col(x, cols, kernel, stride, padding, layout == "NHWC")
+        _infer.im2col(x, cols, kernel, stride, padding, layout == "NHWC",
+                      _helper_threads(cols.size))
         return cols
     win = _windows(_pad(x, padding, layout), kernel, stride, layout)
     axes = (0, 1, 4, 5, 2, 3) if layout == "NCHW" else (0, 1, 2, 4, 5, 3)
@@ -957,7 +965,7 @@ class Conv2d(Function):
                 dcols = np.matmul(weight.reshape(O, -1).T, g3)  # (N, C*kH*kW, Ho*Wo)
                 gx = np.empty(xshape, grad.dtype)
                 _infer.col2im(np.ascontiguousarray(dcols), gx, (kH, kW), stride, padding,
-                              False)
+                              False, _helper_threads(dcols.size))
             elif nx:
                 dcols = np.matmul(weight.reshape(O, -1).T, g3)  # (N, C*kH*kW, Ho*Wo)
                 dcols = dcols.reshape(N, C, kH, kW, *out_hw)
@@ -981,7 +989,9 @@ class Conv2d(Function):
                 w2 = np.ascontiguousarray(weight.transpose(0, 2, 3, 1))
                 w2 = w2.reshape(O, kH * kW * C)
                 gx = np.empty(xshape, grad.dtype)
-                _infer.col2im(np.matmul(g3, w2), gx, (kH, kW), stride, padding, True)
+                dcols = np.matmul(g3, w2)
+                _infer.col2im(dcols, gx, (kH, kW), stride, padding, True,
+                              _helper_threads(dcols.size))
             elif nx:
                 # One product per kernel offset, added where that offset reads: avoids
                 # the (N*Ho*Wo, kH*kW*C) column gradient (faster here, less memory).

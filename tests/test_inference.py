@@ -304,6 +304,15 @@ def test_infer_helpers_match_numpy():
                 cols = np.empty(ref.shape, dt)
                 infer.im2col(x, cols, k, s, p, layout == "NHWC")
                 np.testing.assert_array_equal(cols, ref)
+                # the samples on several threads: the same values (im2col and col2im)
+                gx = [np.empty(x.shape, dt) for _ in range(3)]
+                for i, nt in enumerate((1, 2, 3)):
+                    cols_nt = np.empty(ref.shape, dt)
+                    infer.im2col(x, cols_nt, k, s, p, layout == "NHWC", nt)
+                    np.testing.assert_array_equal(cols_nt, ref)
+                    infer.col2im(cols, gx[i], k, s, p, layout == "NHWC", nt)
+                np.testing.assert_array_equal(gx[1], gx[0])
+                np.testing.assert_array_equal(gx[2], gx[0])
                 if 2 * p[0] <= k[0] and 2 * p[1] <= k[1]:
                     mref = ops.MaxPool2d.forward(Context((True,)), x, k, s, p, layout)
                     out = np.empty(mref.shape, dt)

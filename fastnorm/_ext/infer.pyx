@@ -24,6 +24,7 @@ the NumPy code they replace whatever the compiler flags.
 cimport numpy as cnp
 import numpy as np
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from cython.parallel cimport prange, threadid
 
 cnp.import_array()
 
@@ -62,102 +63,111 @@ ctypedef fused real:
 
 
 # ---------------------------------------------------------------------------- im2col ----
-cdef void _im2col_nchw(const real* x, real* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s0, Py_ssize_t s1,
+cdef void _im2col_nchw(const real* x, real* cols, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1,
                        Py_ssize_t s2, Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                        Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
-    """Each (n, c) plane is first copied into ``plane`` with its zero padding (Hp x Wp),
-    so the rows of the column matrix are gathered without bounds checks."""
-    cdef Py_ssize_t n, c, i, j, oh, ow, h, w
+    """One sample: each channel's plane is first copied into ``plane`` with its zero
+    padding (Hp x Wp), so the rows of the column matrix are gathered without bounds
+    checks."""
+    cdef Py_ssize_t c, i, j, oh, ow, h, w
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
     cdef const real* src
     cdef const real* row
     cdef real* dst = cols
     for h in range(Hp * Wp):
         plane[h] = 0
-    for n in range(N):
-        for c in range(C):
-            src = x + n * s0 + c * s1
-            for h in range(H):
-                if s3 == 1:
-                    for w in range(W):
-                        plane[(h + ph) * Wp + pw + w] = src[h * s2 + w]
-                else:
-                    for w in range(W):
-                        plane[(h + ph) * Wp + pw + w] = src[h * s2 + w * s3]
-            for i in range(kH):
-                for j in range(kW):
-                    for oh in range(Ho):
-                        row = plane + (oh * sh + i) * Wp + j
-                        if sw == 1:
-                            for ow in range(Wo):
-                                dst[ow] = row[ow]
-                        else:
-                            for ow in range(Wo):
-                                dst[ow] = row[ow * sw]
-                        dst += Wo
+    for c in range(C):
+        src = x + c * s1
+        for h in range(H):
+            if s3 == 1:
+                for w in range(W):
+                    plane[(h + ph) * Wp + pw + w] = src[h * s2 + w]
+            else:
+                for w in range(W):
+                    plane[(h + ph) * Wp + pw + w] = src[h * s2 + w * s3]
+        for i in range(kH):
+            for j in range(kW):
+                for oh in range(Ho):
+                    row = plane + (oh * sh + i) * Wp + j
+                    if sw == 1:
+                        for ow in range(Wo):
+                            dst[ow] = row[ow]
+                    else:
+                        for ow in range(Wo):
+                            dst[ow] = row[ow * sw]
+                    dst += Wo
 
 
-cdef void _im2col_nhwc(const real* x, real* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s0, Py_ssize_t s1,
+cdef void _im2col_nhwc(const real* x, real* cols, Py_ssize_t C,
+                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1,
                        Py_ssize_t s2, Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                        Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
-    cdef Py_ssize_t n, c, i, j, oh, ow, ih, iw
+    """One sample."""
+    cdef Py_ssize_t c, i, j, oh, ow, ih, iw
     cdef const real* src
     cdef real* dst = cols
-    for n in range(N):
-        for oh in range(Ho):
-            for ow in range(Wo):
-                for i in range(kH):
-                    ih = oh * sh - ph + i
-                    for j in range(kW):
-                        iw = ow * sw - pw + j
-                        if ih < 0 or ih >= H or iw < 0 or iw >= W:
+    for oh in range(Ho):
+        for ow in range(Wo):
+            for i in range(kH):
+                ih = oh * sh - ph + i
+                for j in range(kW):
+                    iw = ow * sw - pw + j
+                    if ih < 0 or ih >= H or iw < 0 or iw >= W:
+                        for c in range(C):
+                            dst[c] = 0
+                    else:
+                        src = x + ih * s1 + iw * s2
+                        if s3 == 1:
                             for c in range(C):
-                                dst[c] = 0
+                                dst[c] = src[c]
                         else:
-                            src = x + n * s0 + ih * s1 + iw * s2
-                            if s3 == 1:
-                                for c in range(C):
-                                    dst[c] = src[c]
-                            else:
-                                for c in range(C):
-                                    dst[c] = src[c * s3]
-                        dst += C
+                            for c in range(C):
+                                dst[c] = src[c * s3]
+                    dst += C
 
 
-def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc):
+def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc,
+           int nthreads=1):
     """Write the column matrix of a convolution of ``x`` (4-D, NCHW or NHWC, any
-    strides) into ``cols`` (C-contiguous, ``N*C*kH*kW*Ho*Wo`` values of x's dtype)."""
+    strides) into ``cols`` (C-contiguous, ``N*C*kH*kW*Ho*Wo`` values of x's dtype), the
+    samples on up to ``nthreads`` threads (the same values for any count)."""
     cdef int kind = _kind(x)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
     N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc)
     cdef Py_ssize_t s0 = _stride(x, 0), s1 = _stride(x, 1), s2 = _stride(x, 2)
     cdef Py_ssize_t s3 = _stride(x, 3)
     _check_out(cols, x, N * C * kH * kW * Ho * Wo, "cols")
-    cdef void* xp = cnp.PyArray_DATA(x)
-    cdef void* cp = cnp.PyArray_DATA(cols)
-    cdef void* plane = NULL
-    if not nhwc:
-        plane = PyMem_RawMalloc((H + 2 * ph) * (W + 2 * pw) * cnp.PyArray_ITEMSIZE(x))
-        if plane == NULL:
+    cdef Py_ssize_t per = C * kH * kW * Ho * Wo  # column values per sample
+    cdef Py_ssize_t psize = (H + 2 * ph) * (W + 2 * pw)
+    cdef int nt = max(1, min(nthreads, N))
+    cdef char* xp = <char*>cnp.PyArray_DATA(x)
+    cdef char* cp = <char*>cnp.PyArray_DATA(cols)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x)
+    cdef char* planes = NULL
+    cdef Py_ssize_t n
+    if not nhwc:  # a padded plane per thread
+        planes = <char*>PyMem_RawMalloc(nt * psize * isz)
+        if planes == NULL:
             raise MemoryError()
-    with nogil:
+    for n in prange(N, nogil=True, schedule='static', num_threads=nt):
         if kind == 0 and nhwc:
-            _im2col_nhwc(<const float*>xp, <float*>cp, N, C, H, W, s0, s1, s2, s3,
-                         kH, kW, sh, sw, ph, pw, Ho, Wo)
+            _im2col_nhwc(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
+                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo)
         elif kind == 0:
-            _im2col_nchw(<const float*>xp, <float*>cp, N, C, H, W, s0, s1, s2, s3,
-                         kH, kW, sh, sw, ph, pw, Ho, Wo, <float*>plane)
+            _im2col_nchw(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
+                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <float*>(planes + threadid() * psize * isz))
         elif nhwc:
-            _im2col_nhwc(<const double*>xp, <double*>cp, N, C, H, W, s0, s1, s2, s3,
-                         kH, kW, sh, sw, ph, pw, Ho, Wo)
+            _im2col_nhwc(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
+                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo)
         else:
-            _im2col_nchw(<const double*>xp, <double*>cp, N, C, H, W, s0, s1, s2, s3,
-                         kH, kW, sh, sw, ph, pw, Ho, Wo, <double*>plane)
-        PyMem_RawFree(plane)
+            _im2col_nchw(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
+                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <double*>(planes + threadid() * psize * isz))
+    PyMem_RawFree(planes)
 
 
 # ------------------------------------------------------------------------- bias_relu ----
@@ -483,66 +493,67 @@ def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kerne
 
 
 # ---------------------------------------------------------------------------- col2im ----
-cdef void _col2im_nchw(const real* cols, real* gx, Py_ssize_t N, Py_ssize_t C,
+cdef void _col2im_nchw(const real* cols, real* gx, Py_ssize_t C,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                        Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
-    """The adjoint of _im2col_nchw: each (n, c) plane is accumulated with its padding in
-    ``plane``, then its interior is written to gx (C-contiguous NCHW)."""
-    cdef Py_ssize_t n, c, i, j, oh, ow, h, w
+    """The adjoint of _im2col_nchw for one sample: each channel's plane is accumulated
+    with its padding in ``plane``, then its interior is written to gx (C-contiguous
+    CHW)."""
+    cdef Py_ssize_t c, i, j, oh, ow, h, w
     cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw
     cdef const real* src = cols
     cdef real* row
     cdef real* dst
-    for n in range(N):
-        for c in range(C):
-            for h in range(Hp * Wp):
-                plane[h] = 0
-            for i in range(kH):
-                for j in range(kW):
-                    for oh in range(Ho):
-                        row = plane + (oh * sh + i) * Wp + j
-                        if sw == 1:
-                            for ow in range(Wo):
-                                row[ow] += src[ow]
-                        else:
-                            for ow in range(Wo):
-                                row[ow * sw] += src[ow]
-                        src += Wo
-            dst = gx + (n * C + c) * H * W
-            for h in range(H):
-                for w in range(W):
-                    dst[h * W + w] = plane[(h + ph) * Wp + pw + w]
+    for c in range(C):
+        for h in range(Hp * Wp):
+            plane[h] = 0
+        for i in range(kH):
+            for j in range(kW):
+                for oh in range(Ho):
+                    row = plane + (oh * sh + i) * Wp + j
+                    if sw == 1:
+                        for ow in range(Wo):
+                            row[ow] += src[ow]
+                    else:
+                        for ow in range(Wo):
+                            row[ow * sw] += src[ow]
+                    src += Wo
+        dst = gx + c * H * W
+        for h in range(H):
+            for w in range(W):
+                dst[h * W + w] = plane[(h + ph) * Wp + pw + w]
 
 
-cdef void _col2im_nhwc(const real* cols, real* gx, Py_ssize_t N, Py_ssize_t C,
+cdef void _col2im_nhwc(const real* cols, real* gx, Py_ssize_t C,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                        Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
-    """The adjoint of _im2col_nhwc into gx (C-contiguous NHWC)."""
+    """The adjoint of _im2col_nhwc for one sample into gx (C-contiguous HWC)."""
     cdef Py_ssize_t n, c, i, j, oh, ow, ih, iw
     cdef const real* src = cols
     cdef real* dst
-    for n in range(N * H * W * C):
+    for n in range(H * W * C):
         gx[n] = 0
-    for n in range(N):
-        for oh in range(Ho):
-            for ow in range(Wo):
-                for i in range(kH):
-                    ih = oh * sh - ph + i
-                    for j in range(kW):
-                        iw = ow * sw - pw + j
-                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                            dst = gx + ((n * H + ih) * W + iw) * C
-                            for c in range(C):
-                                dst[c] += src[c]
-                        src += C
+    for oh in range(Ho):
+        for ow in range(Wo):
+            for i in range(kH):
+                ih = oh * sh - ph + i
+                for j in range(kW):
+                    iw = ow * sw - pw + j
+                    if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                        dst = gx + (ih * W + iw) * C
+                        for c in range(C):
+                            dst[c] += src[c]
+                    src += C
 
 
-def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc):
+def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
+           int nthreads=1):
     """The adjoint of ``im2col``: sum the column-matrix gradient ``cols`` (C-contiguous,
     the layout ``im2col`` writes) back into ``gx`` (C-contiguous 4-D, NCHW or NHWC, the
-    input's shape and dtype), overwriting it."""
+    input's shape and dtype), overwriting it; the samples on up to ``nthreads`` threads
+    (each sums its own in a fixed order: the same values for any count)."""
     cdef int kind = _kind(gx)
     if cnp.PyArray_NDIM(gx) != 4 or not gx.flags.c_contiguous or not gx.flags.writeable:
         raise ValueError("gx: expected a writable C-contiguous 4-D array")
@@ -552,24 +563,32 @@ def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc)
             or cols.size != N * C * kH * kW * Ho * Wo:
         raise ValueError(f"cols: expected a C-contiguous {gx.dtype} array of "
                          f"{N * C * kH * kW * Ho * Wo} values")
-    cdef void* cp = cnp.PyArray_DATA(cols)
-    cdef void* gp = cnp.PyArray_DATA(gx)
-    cdef void* plane = NULL
-    if not nhwc:
-        plane = PyMem_RawMalloc((H + 2 * ph) * (W + 2 * pw) * cnp.PyArray_ITEMSIZE(gx))
-        if plane == NULL:
+    cdef Py_ssize_t per = C * kH * kW * Ho * Wo  # column values per sample
+    cdef Py_ssize_t img = C * H * W              # gx values per sample
+    cdef Py_ssize_t psize = (H + 2 * ph) * (W + 2 * pw)
+    cdef int nt = max(1, min(nthreads, N))
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(gx)
+    cdef char* cp = <char*>cnp.PyArray_DATA(cols)
+    cdef char* gp = <char*>cnp.PyArray_DATA(gx)
+    cdef char* planes = NULL
+    cdef Py_ssize_t n
+    if not nhwc:  # a padded plane per thread
+        planes = <char*>PyMem_RawMalloc(nt * psize * isz)
+        if planes == NULL:
             raise MemoryError()
-    with nogil:
+    for n in prange(N, nogil=True, schedule='static', num_threads=nt):
         if kind == 0 and nhwc:
-            _col2im_nhwc(<const float*>cp, <float*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
-                         Ho, Wo)
+            _col2im_nhwc(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
+                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo)
         elif kind == 0:
-            _col2im_nchw(<const float*>cp, <float*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
-                         Ho, Wo, <float*>plane)
+            _col2im_nchw(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
+                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <float*>(planes + threadid() * psize * isz))
         elif nhwc:
-            _col2im_nhwc(<const double*>cp, <double*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
-                         Ho, Wo)
+            _col2im_nhwc(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
+                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo)
         else:
-            _col2im_nchw(<const double*>cp, <double*>gp, N, C, H, W, kH, kW, sh, sw, ph, pw,
-                         Ho, Wo, <double*>plane)
-        PyMem_RawFree(plane)
+            _col2im_nchw(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
+                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <double*>(planes + threadid() * psize * isz))
+    PyMem_RawFree(planes)
