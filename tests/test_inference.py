@@ -280,6 +280,75 @@ def test_fused_plan_geometries_and_numpy_fallback(layout, monkeypatch):
     assert_close(model(x).data, ref, 1e-6)  # ops' NumPy im2col and max pooling
 
 
+def test_batched_matmul_matches_numpy():
+    """``infer.batched_matmul`` (BLAS from SciPy's capsules, a call per sample on the
+    kernels' threads) gives np.matmul's products for every transpose and shared-operand
+    combination, the same values on any thread count, and refuses what it cannot do."""
+    infer = pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    rng = np.random.default_rng(4)
+    for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        for N, M, K, Nc in [(3, 4, 5, 6), (2, 1, 7, 1), (4, 6, 1, 3), (5, 9, 16, 7)]:
+            for ta in (False, True):
+                for tb in (False, True):
+                    for a_shared in (False, True):
+                        ashape = (K, M) if ta else (M, K)
+                        a = rng.standard_normal(ashape if a_shared else (N,) + ashape)
+                        b = rng.standard_normal((N, Nc, K) if tb else (N, K, Nc))
+                        a, b = a.astype(dt), b.astype(dt)
+                        want = np.matmul(np.swapaxes(a, -1, -2) if ta else a,
+                                         np.swapaxes(b, -1, -2) if tb else b)
+                        outs = []
+                        for nt in (1, 2, 3):
+                            out = np.empty((N, M, Nc), dt)
+                            infer.batched_matmul(a, b, out, ta, tb, nt)
+                            outs.append(out)
+                        np.testing.assert_allclose(outs[0], want, rtol=tol, atol=tol * K)
+                        np.testing.assert_array_equal(outs[1], outs[0])
+                        np.testing.assert_array_equal(outs[2], outs[0])
+                        got = ops._bmm(a, b, ta, tb)  # the op's entry
+                        np.testing.assert_array_equal(got, outs[0])
+    z = np.empty((2, 3, 4), np.float32)
+    infer.batched_matmul(np.ones((3, 0), np.float32), np.ones((2, 0, 4), np.float32), z,
+                         False, False, 2)
+    np.testing.assert_array_equal(z, 0)  # K = 0: zeros
+    with pytest.raises(ValueError, match="shapes"):
+        infer.batched_matmul(np.ones((3, 5), np.float32), np.ones((2, 4, 4), np.float32), z,
+                             False, False, 1)
+    with pytest.raises(ValueError, match="operands"):
+        infer.batched_matmul(np.ones((3, 4)), np.ones((2, 4, 4), np.float32), z, False,
+                             False, 1)
+    with pytest.raises(ValueError, match="operands"):
+        infer.batched_matmul(np.ones((3, 3, 4), np.float32), np.ones((2, 4, 4), np.float32),
+                             z, False, False, 1)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_conv2d_products_on_threads_match_numpy(layout, monkeypatch):
+    """Conv2d forward and backward with the batched products on the kernels' threads
+    equal those with NumPy's matmul (float64: to rounding)."""
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()  # sets BLAS for batched_matmul
+    rng = np.random.default_rng(6)
+    xs = (4, 3, 7, 6) if layout == "NCHW" else (4, 7, 6, 3)
+    x0 = rng.standard_normal(xs)
+    w0 = rng.standard_normal((5, 3, 3, 2))
+    dy = rng.standard_normal((4, 5, 4, 7) if layout == "NCHW" else (4, 4, 7, 5))
+    runs = []
+    for gemm in (True, False):
+        monkeypatch.setattr(ops, "_gemm", gemm)
+        x, w = fn.Tensor(x0, requires_grad=True), fn.Tensor(w0, requires_grad=True)
+        y = ops.conv2d(x, w, stride=(2, 1), padding=(1, 1), layout=layout)
+        y.backward(dy)
+        runs.append((y.data, x.grad, w.grad))
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_infer_helpers_match_numpy():
     infer = pytest.importorskip("fastnorm._ext.infer")
     from fastnorm import ops

@@ -1,15 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False
-"""Small helpers for the inference plans of fused models (``fastnorm/fuse.py``).
+"""Small helpers for the inference plans of fused models (``fastnorm/fuse.py``) and the
+convolutions of ``fastnorm.ops``.
 
 A batch-1 request of a small CNN is a handful of tiny arrays, where each NumPy call
 (~0.5-1 us) and each typed-memoryview argument of a Cython ``def`` (~0.15 us, plus the
 fused-type dispatch) costs more than the arithmetic.  So these functions take plain
-ndarrays, check dtype, rank, contiguity and sizes themselves, and run single-threaded
-loops with the GIL released (requests are parallel across Python threads; the matrix
-products in between are NumPy's BLAS):
+ndarrays, check dtype, rank, contiguity and sizes themselves, and run loops with the GIL
+released: single-threaded by default (requests are parallel across Python threads), the
+samples of a batch on ``nthreads`` OpenMP threads where a function takes it (training):
 
-- ``im2col(x, cols, kernel, stride, padding, nhwc)``: the column matrix of a 2-D
+- ``im2col(x, cols, kernel, stride, padding, nhwc, nthreads=1)``: the column matrix of a 2-D
   convolution, zeros for the padding, from an input of any strides (a view of the
   previous layer's output is read in place): NCHW ``(N, C*kH*kW, Ho*Wo)``, NHWC
   ``(N*Ho*Wo, kH*kW*C)``, the layouts of ``ops.conv2d``'s im2col.
@@ -17,6 +18,9 @@ products in between are NumPy's BLAS):
   place, for a C-contiguous ``y`` read as ``(outer, C, inner)``.
 - ``max_pool(x, out, kernel, stride, padding, nhwc)``: max pooling with the semantics of
   ``ops.max_pool2d`` (padding never wins, a NaN in a window gives NaN).
+- ``col2im(cols, gx, kernel, stride, padding, nhwc, nthreads=1)``: im2col's adjoint.
+- ``batched_matmul(a, b, out, ta, tb, nthreads=1)``: a BLAS product per sample, the
+  samples on the threads (BLAS's sgemm/dgemm from ``set_gemm``).
 
 No arithmetic beyond one add per value and comparisons, so results are exactly those of
 the NumPy code they replace whatever the compiler flags.
@@ -592,3 +596,107 @@ def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
                          C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
                          <double*>(planes + threadid() * psize * isz))
     PyMem_RawFree(planes)
+
+
+# ------------------------------------------------------------------- batched products ----
+# BLAS's sgemm/dgemm, taken from capsules (scipy.linalg.cython_blas.__pyx_capi__, set by
+# fastnorm.ops when SciPy is importable), called from the kernels' thread team: NumPy's
+# batched matmul runs its products one after another on one thread, and handing half of
+# them to a Python thread cost ~80 us here, as much as the half it saves.
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
+ctypedef void (*sgemm_t)(char* ta, char* tb, int* m, int* n, int* k, float* alpha,
+                         float* a, int* lda, float* b, int* ldb, float* beta, float* c,
+                         int* ldc) noexcept nogil
+ctypedef void (*dgemm_t)(char* ta, char* tb, int* m, int* n, int* k, double* alpha,
+                         double* a, int* lda, double* b, int* ldb, double* beta, double* c,
+                         int* ldc) noexcept nogil
+cdef sgemm_t _sgemm = NULL
+cdef dgemm_t _dgemm = NULL
+
+
+def set_gemm(sgemm, dgemm):
+    """Use the Fortran BLAS ``sgemm``/``dgemm`` in these capsules for ``batched_matmul``
+    (None, None: none)."""
+    global _sgemm, _dgemm
+    if sgemm is None or dgemm is None:
+        _sgemm, _dgemm = NULL, NULL
+        return
+    _sgemm = <sgemm_t>PyCapsule_GetPointer(sgemm, PyCapsule_GetName(sgemm))
+    _dgemm = <dgemm_t>PyCapsule_GetPointer(dgemm, PyCapsule_GetName(dgemm))
+
+
+def has_gemm():
+    return _sgemm != NULL
+
+
+cdef inline bint _operand(cnp.ndarray a, int kind, Py_ssize_t N, Py_ssize_t* r,
+                          Py_ssize_t* c, bint* shared) except -1:
+    """(rows, cols) of one matrix of a C-contiguous 2-D (shared) or 3-D (N of them)
+    operand of dtype ``kind``."""
+    if _kind(a) != kind or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError("operands: expected C-contiguous arrays of one float dtype")
+    cdef int nd = cnp.PyArray_NDIM(a)
+    if nd == 2:
+        shared[0] = True
+    elif nd == 3 and cnp.PyArray_DIMS(a)[0] == N:
+        shared[0] = False
+    else:
+        raise ValueError(f"operands: expected 2-D or ({N}, r, c) arrays, got "
+                         f"{(<object>a).shape}")
+    r[0] = cnp.PyArray_DIMS(a)[nd - 2]
+    c[0] = cnp.PyArray_DIMS(a)[nd - 1]
+    return True
+
+
+def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint tb,
+                   int nthreads=1):
+    """out[n] = op(a[n]) @ op(b[n]) for n < N = out.shape[0], op transposing with
+    ``ta``/``tb``; a 2-D operand is the same matrix for every n.  C-contiguous arrays of
+    one float dtype; the products on up to ``nthreads`` threads, one BLAS call (one
+    thread) each, so the values do not depend on the thread count."""
+    if _sgemm == NULL:
+        raise RuntimeError("batched_matmul: no BLAS set (set_gemm)")
+    cdef int kind = _kind(out)
+    if cnp.PyArray_NDIM(out) != 3 or not cnp.PyArray_IS_C_CONTIGUOUS(out) \
+            or not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError("out: expected a writable C-contiguous 3-D array")
+    cdef Py_ssize_t N = cnp.PyArray_DIMS(out)[0]
+    cdef Py_ssize_t M = cnp.PyArray_DIMS(out)[1], Nc = cnp.PyArray_DIMS(out)[2]
+    cdef Py_ssize_t ar, ac, br, bc
+    cdef bint ash, bsh
+    _operand(a, kind, N, &ar, &ac, &ash)
+    _operand(b, kind, N, &br, &bc, &bsh)
+    cdef Py_ssize_t K = ar if ta else ac
+    if (ac if ta else ar) != M or (bc if tb else br) != K or (br if tb else bc) != Nc:
+        raise ValueError(f"shapes: op(a) {(<object>a).shape} @ op(b) {(<object>b).shape} "
+                         f"does not give {(<object>out).shape[1:]}")
+    if M > 2147483647 or Nc > 2147483647 or K > 2147483647:
+        raise ValueError("shapes: matrices larger than BLAS's int")
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(out)
+    cdef Py_ssize_t sa = 0 if ash else ar * ac * isz, sb = 0 if bsh else br * bc * isz
+    cdef Py_ssize_t so = M * Nc * isz
+    cdef char* ap = <char*>cnp.PyArray_DATA(a)
+    cdef char* bp = <char*>cnp.PyArray_DATA(b)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
+    # row major C = A @ B is column major C^T = B^T @ A^T: BLAS gets b first
+    cdef char tra = b'T' if tb else b'N', trb = b'T' if ta else b'N'
+    cdef int m = <int>Nc, n_ = <int>M, k = <int>K
+    cdef int lda = <int>(bc if bc > 0 else 1), ldb = <int>(ac if ac > 0 else 1)
+    cdef int ldc = <int>(Nc if Nc > 0 else 1)
+    cdef float f1 = 1.0, f0 = 0.0
+    cdef double d1 = 1.0, d0 = 0.0
+    cdef int nt = max(1, min(nthreads, N))
+    cdef Py_ssize_t i
+    if N == 0 or M == 0 or Nc == 0:
+        return
+    if K == 0:
+        out[...] = 0
+        return
+    for i in prange(N, nogil=True, schedule='static', num_threads=nt):
+        if kind == 0:
+            _sgemm(&tra, &trb, &m, &n_, &k, &f1, <float*>(bp + i * sb), &lda,
+                   <float*>(ap + i * sa), &ldb, &f0, <float*>(op + i * so), &ldc)
+        else:
+            _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
+                   <double*>(ap + i * sa), &ldb, &d0, <double*>(op + i * so), &ldc)
