@@ -1126,7 +1126,8 @@ class MaxPool2d(Function):
             shape[ah], shape[aw] = out_hw
             out = np.empty(shape, x.dtype)
             index = np.empty(shape, np.int32)
-            _infer.max_pool_argmax(x, out, index, kernel, stride, padding, layout == "NHWC")
+            _infer.max_pool_argmax(x, out, index, kernel, stride, padding, layout == "NHWC",
+                                   _helper_threads(x.size))
             ctx.save_for_backward(index)
             ctx.dtype = x.dtype
             return out
@@ -1147,7 +1148,8 @@ class MaxPool2d(Function):
         if index.flags.c_contiguous and getattr(ctx, "dtype", None) is not None:
             gx = np.zeros(xshape, ctx.dtype)  # index from max_pool_argmax
             _infer.max_pool_backward(np.ascontiguousarray(grad, ctx.dtype), index, gx,
-                                     (kH, kW), stride, padding, layout == "NHWC")
+                                     (kH, kW), stride, padding, layout == "NHWC",
+                                     _helper_threads(gx.size))
             return gx,
         gxp = np.zeros(_padded(xshape, padding, layout), grad.dtype)
         for i in range(kH):

@@ -328,11 +328,13 @@ def test_batched_matmul_matches_numpy():
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_conv2d_products_on_threads_match_numpy(layout, monkeypatch):
     """Conv2d forward and backward with the batched products on the kernels' threads
-    equal those with NumPy's matmul (float64: to rounding)."""
+    equal those with NumPy's matmul (float64: to rounding); every helper pass on the
+    threads here (im2col, col2im, the products)."""
     pytest.importorskip("fastnorm._ext.infer")
     pytest.importorskip("scipy")
     from fastnorm import ops
     assert ops._gemm_ready()  # sets BLAS for batched_matmul
+    monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
     rng = np.random.default_rng(6)
     xs = (4, 3, 7, 6) if layout == "NCHW" else (4, 7, 6, 3)
     x0 = rng.standard_normal(xs)

@@ -327,15 +327,18 @@ def _pool_pair(x, ours, ref, layout, seed):
     return y.data, t.grad, y_ref, gx_ref
 
 
-@pytest.mark.parametrize("helper", [True, False], ids=["cython", "numpy"])
+@pytest.mark.parametrize("helper", ["cython", "threads", "numpy"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", POOL_CASES)
 def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypatch):
     """Ties go to the window's first maximum and a NaN wins (PyTorch's CPU kernel keeps the
     last of several), so the gradient lands where PyTorch puts it: with the Cython helper
-    and with the NumPy code that serves without it."""
-    if not helper:
+    (on one thread, and its samples on the threads: every pass parallel here) and with
+    the NumPy code that serves without it."""
+    if helper == "numpy":
         monkeypatch.setattr(ops, "_infer", None)
+    if helper == "threads":
+        monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
     k, s, p = case
     x = np.floor(f32(2, 3, 9, 10) * 1.5)  # few distinct values: many ties
     x[0, 1, 2, 3] = np.nan

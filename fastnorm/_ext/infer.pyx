@@ -444,10 +444,11 @@ def _geometry(cnp.ndarray x, kernel, stride, padding, bint nhwc, bint pool=False
 
 
 def max_pool_argmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray index, kernel, stride,
-                    padding, bint nhwc):
+                    padding, bint nhwc, int nthreads=1):
     """Max pooling for training: ``out`` (x's dtype) and ``index`` (int32), both
     C-contiguous of the output shape in x's layout; ``index`` is the offset of each
-    window's maximum inside the window (for ``max_pool_backward``)."""
+    window's maximum inside the window (for ``max_pool_backward``).  The samples on up
+    to ``nthreads`` threads."""
     cdef int kind = _kind(x)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo, sn, sc, shh, sww
     N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc, True)
@@ -459,22 +460,27 @@ def max_pool_argmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray index, kernel, s
         shh, sww, sc = _stride(x, 1), _stride(x, 2), _stride(x, 3)
     else:
         sc, shh, sww = _stride(x, 1), _stride(x, 2), _stride(x, 3)
-    cdef void* xp = cnp.PyArray_DATA(x)
-    cdef void* op = cnp.PyArray_DATA(out)
+    cdef char* xp = <char*>cnp.PyArray_DATA(x)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
     cdef int* ip = <int*>cnp.PyArray_DATA(index)
-    with nogil:
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), per = C * Ho * Wo, n
+    cdef int nt = max(1, min(nthreads, N))
+    for n in prange(N, nogil=True, schedule='static', num_threads=nt):  # sample by sample
         if kind == 0:
-            _max_pool_argmax(<const float*>xp, <float*>op, ip, N, C, H, W, sn, sc, shh, sww,
-                             kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+            _max_pool_argmax(<const float*>(xp + n * sn * isz), <float*>(op + n * per * isz),
+                             ip + n * per, 1, C, H, W, sn, sc, shh, sww, kH, kW, sh, sw, ph,
+                             pw, Ho, Wo, nhwc)
         else:
-            _max_pool_argmax(<const double*>xp, <double*>op, ip, N, C, H, W, sn, sc, shh,
-                             sww, kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
+            _max_pool_argmax(<const double*>(xp + n * sn * isz),
+                             <double*>(op + n * per * isz), ip + n * per, 1, C, H, W, sn, sc,
+                             shh, sww, kH, kW, sh, sw, ph, pw, Ho, Wo, nhwc)
 
 
 def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kernel, stride,
-                      padding, bint nhwc):
+                      padding, bint nhwc, int nthreads=1):
     """gx (zeroed, C-contiguous, the input's shape and layout) += grad routed to each
-    window's maximum as recorded by ``max_pool_argmax``; grad C-contiguous like index."""
+    window's maximum as recorded by ``max_pool_argmax``; grad C-contiguous like index.
+    The samples on up to ``nthreads`` threads (each writes its own part of gx)."""
     cdef int kind = _kind(gx)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
     N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(gx, kernel, stride, padding, nhwc, True)
@@ -484,16 +490,20 @@ def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kerne
         raise ValueError(f"grad: expected a C-contiguous {gx.dtype} array of {N * C * Ho * Wo} values")
     if index.dtype != np.int32 or not index.flags.c_contiguous or index.size != grad.size:
         raise ValueError("index: expected the int32 array from max_pool_argmax")
-    cdef void* gp = cnp.PyArray_DATA(grad)
-    cdef void* xp = cnp.PyArray_DATA(gx)
+    cdef char* gp = <char*>cnp.PyArray_DATA(grad)
+    cdef char* xp = <char*>cnp.PyArray_DATA(gx)
     cdef int* ip = <int*>cnp.PyArray_DATA(index)
-    with nogil:
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(gx), per = C * Ho * Wo, img = C * H * W, n
+    cdef int nt = max(1, min(nthreads, N))
+    for n in prange(N, nogil=True, schedule='static', num_threads=nt):  # sample by sample
         if kind == 0:
-            _max_pool_backward(<const float*>gp, ip, <float*>xp, N, C, H, W, kW, sh, sw, ph,
-                               pw, Ho, Wo, nhwc)
+            _max_pool_backward(<const float*>(gp + n * per * isz), ip + n * per,
+                               <float*>(xp + n * img * isz), 1, C, H, W, kW, sh, sw, ph, pw,
+                               Ho, Wo, nhwc)
         else:
-            _max_pool_backward(<const double*>gp, ip, <double*>xp, N, C, H, W, kW, sh, sw,
-                               ph, pw, Ho, Wo, nhwc)
+            _max_pool_backward(<const double*>(gp + n * per * isz), ip + n * per,
+                               <double*>(xp + n * img * isz), 1, C, H, W, kW, sh, sw, ph, pw,
+                               Ho, Wo, nhwc)
 
 
 # ---------------------------------------------------------------------------- col2im ----
