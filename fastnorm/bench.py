@@ -187,8 +187,14 @@ def _inputs(case, seed=0):
 
 
 def run(cases, backends, threads=(2,), budget=0.3, use_torch=True, log=print):
-    """Time every case; returns a list of result dicts."""
+    """Time every case; returns a list of result dicts.  glibc's malloc thresholds are
+    fixed first (``train.keep_freed_memory``), as the pytest suite does, so that neither
+    library's fresh outputs fault in new pages on some rows and not on others
+    (docs/performance.md, "Page faults on fresh large outputs")."""
     import fastnorm as fn
+    from .train import keep_freed_memory
+
+    keep_freed_memory()
 
     torch = None
     if use_torch:
