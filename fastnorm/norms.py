@@ -69,7 +69,7 @@ def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_v
     in x's dtype (mean None without ``center``); running buffers, when given, move
     towards the statistics averaged over P, the variance unbiased.  The backend's
     ``train_fused`` (one kernel call, no NumPy steps) serves when it has one."""
-    y = _checks.out(out, x.shape, x.dtype)
+    y = _checks.out(out, x.shape, x.dtype, apart=(x,))
     P, M, G, Kc, Ks = dims
     k = get_kernels()
     fused = getattr(k, "train_fused", None)
@@ -94,7 +94,7 @@ def _train(x, dims, weight, bias, eps, center, out, running_mean=None, running_v
 def _apply(x, dims, mean, invstd, weight, bias, out):
     """y with given statistics (P*G values of either float dtype; the backend's
     ``apply_fused`` reads them as they are, ``apply`` takes float64)."""
-    y = _checks.out(out, x.shape, x.dtype)
+    y = _checks.out(out, x.shape, x.dtype, apart=(x,))
     k = get_kernels()
     fused = getattr(k, "apply_fused", None)  # one call (compiled backends)
     if fused is not None:
@@ -109,7 +109,7 @@ def _backward(dy, x, dims, mean, invstd, weight, center, out, param_grads):
     _checks.same_shape(dy, "grad_output", x)
     if dy.dtype != x.dtype:
         dy = dy.astype(x.dtype)
-    dx = _checks.out(out, x.shape, x.dtype)
+    dx = _checks.out(out, x.shape, x.dtype, apart=(dy, x))
     k = get_kernels()
     fused = getattr(k, "backward_fused", None)
     if fused is not None:
@@ -207,7 +207,7 @@ def _eval(x, dims, C, running_mean, running_var, weight, bias, eps, out, mode):
     InstanceNorm without input statistics): the backend's ``eval_fused`` (one call from
     the buffers) when it has one, else the float64 statistics and ``apply``."""
     _check_running_pair(running_mean, running_var, C, mode)
-    y = _checks.out(out, x.shape, x.dtype)
+    y = _checks.out(out, x.shape, x.dtype, apart=(x,))
     fused = getattr(get_kernels(), "eval_fused", None)
     if fused is not None and fused(x, dims, _contiguous(running_mean),
                                    _contiguous(running_var), eps, weight, bias, y):

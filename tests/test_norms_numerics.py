@@ -793,3 +793,38 @@ def test_streaming_stores_change_nothing(norm, layout, shape, groups, fused, mon
     np.testing.assert_array_equal(e1, e0)
     for name in ("input", "weight", "bias"):
         np.testing.assert_array_equal(g1[name], g0[name])
+
+
+def test_outputs_are_placed_apart_from_inputs():
+    """Outputs of 64 KB and more that the library allocates sit far from their pass's
+    inputs modulo 4 KB (``_checks.empty_apart``: 4K aliasing), are ordinary C-contiguous
+    writable 64-byte-aligned arrays, and the results are those of any other placement."""
+    from fastnorm._checks import empty_apart
+
+    def offset(a):
+        return a.__array_interface__["data"][0] % 4096
+
+    def distance(a, b):
+        d = (offset(a) - offset(b)) % 4096
+        return min(d, 4096 - d)
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((64, 16, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for inputs in ((x,), (dy, x), (x, x)):
+        y = empty_apart(x.shape, np.float32, inputs)
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert y.flags.c_contiguous and y.flags.writeable and offset(y) % 64 == 0
+        assert min(distance(y, a) for a in inputs) >= 1024
+    small = empty_apart((4, 4), np.float64, (x,))
+    assert small.shape == (4, 4) and small.dtype == np.float64
+    for backend in COMPILED + ["numpy"]:
+        with fn.use_backend(backend):
+            y, mean, invstd = F.batch_norm_train(x)
+            dx, _, _ = F.batch_norm_backward(dy, x, mean, invstd)
+            ly = F.layer_norm(x, (8, 8))
+            assert distance(y, x) >= 1024 and distance(ly, x) >= 1024
+            assert min(distance(dx, dy), distance(dx, x)) >= 1024
+            np.testing.assert_array_equal(y, F.batch_norm_train(x, out=np.empty_like(x))[0])
+            np.testing.assert_array_equal(
+                dx, F.batch_norm_backward(dy, x, mean, invstd, out=np.empty_like(x))[0])

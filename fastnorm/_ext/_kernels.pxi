@@ -1767,11 +1767,15 @@ cdef inline bint _is_float_vector(object p, Py_ssize_t C, bint writable,
         and (not writable or cnp.PyArray_ISWRITEABLE(a))
 
 
-cdef inline object _result(object out, object x, int t):
+cdef inline object _result(object out, object x, int t, tuple apart):
     """out when it is a C-contiguous aligned writable ndarray of x's shape and type;
-    a new array for None; else None."""
+    a new array for None (from 64 KB placed apart from the arrays in ``apart``, as
+    fastnorm._checks.empty_apart places it); else None."""
     cdef cnp.ndarray a = <cnp.ndarray>x
     if out is None:
+        if cnp.PyArray_NBYTES(a) >= (1 << 16):
+            from fastnorm._checks import empty_apart
+            return empty_apart((<object>x).shape, (<object>x).dtype, apart)
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), t, 0)
     if not cnp.PyArray_CheckExact(out):
         return None
@@ -1804,7 +1808,7 @@ def bn_train(x, weight, bias, eps, layout, out, running_mean, running_var, momen
             return None
         if running_var is not None and not _is_float_vector(running_var, v.C, True, False):
             return None
-    y = _result(out, x, v.t)
+    y = _result(out, x, v.t, (x,))
     if y is None:
         return None
     cdef cnp.npy_intp c = v.C
@@ -1826,7 +1830,7 @@ def bn_eval(x, running_mean, running_var, weight, bias, eps, layout, out, int nt
     if not _is_float_vector(running_mean, v.C, True, False) \
             or not _is_float_vector(running_var, v.C, True, False):
         return None
-    y = _result(out, x, v.t)
+    y = _result(out, x, v.t, (x,))
     if y is None:
         return None
     _apply_call(x, 1, v.M, v.C, 1, v.Ks, v.nch, running_mean, None, running_var, eps, weight,
@@ -1856,7 +1860,7 @@ def bn_backward(dy, x, mean, invstd, weight, layout, out, param_grads, int nthre
         grads = param_grads
     else:
         return None
-    dx = _result(out, x, v.t)
+    dx = _result(out, x, v.t, (dy, x))
     if dx is None:
         return None
     cdef cnp.npy_intp c = v.C
