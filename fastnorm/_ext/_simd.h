@@ -410,13 +410,14 @@ static inline void fn_col_gsums_rows(const float* dy, const float* x, Py_ssize_t
 /* Strips for narrow rows (a row in one or two cache lines) or a block small enough to
  * be in cache; rows otherwise. */
 #define FN_STRIPS(rows, W) ((W) <= 32 || (rows) * (W) <= 16384)
-/* The sums of one array take the strips, in their L1 chunks of rows, up to W = 256
- * (2 threads, old and new build alternating: W = 64 (64,56,56,64) 1.9 -> 1.5-1.6 ms,
- * W = 128 (16,28,28,128) 0.20-0.22 -> 0.10-0.14 ms, W = 256 (16,28,28,256) 0.35 -> 0.25
- * ms; the same values, each column summed over the rows in order either way).  The
- * gradient sums, reading two arrays, stay with FN_STRIPS (strips at W = 64: 3.3 -> 5.1
- * ms). */
-#define FN_SUMS_STRIPS(rows, W) ((W) <= 256 || (rows) * (W) <= 16384)
+/* The sums of one array also take the strips, in their L1 chunks of rows, for blocks
+ * of up to 64K values and W <= 256 (2 threads, old and new build alternating, 3 runs:
+ * (16,28,28,128) 0.20-0.26 -> 0.10-0.20 ms, (16,28,28,256) 0.35-0.70 -> 0.22-0.53 ms).
+ * Larger blocks keep the rows: at (64,56,56,64) (blocks of 200K values) the strips were
+ * faster in two runs (1.9 -> 1.5 ms) and twice as slow in two others.  The same values
+ * either way (each column summed over the rows in order).  The gradient sums, reading
+ * two arrays, stay with FN_STRIPS (strips at W = 64: 3.3 -> 5.1 ms). */
+#define FN_SUMS_STRIPS(rows, W) (FN_STRIPS(rows, W) || ((W) <= 256 && (rows) * (W) <= 65536))
 
 static inline void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
                                    const double* shift, double* s1, double* s2) {
