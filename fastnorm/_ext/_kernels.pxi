@@ -1769,11 +1769,11 @@ cdef inline bint _is_float_vector(object p, Py_ssize_t C, bint writable,
 
 cdef inline object _result(object out, object x, int t, tuple apart):
     """out when it is a C-contiguous aligned writable ndarray of x's shape and type;
-    a new array for None (from 64 KB placed apart from the arrays in ``apart``, as
+    a new array for None (from 1 MB placed apart from the arrays in ``apart``, as
     fastnorm._checks.empty_apart places it); else None."""
     cdef cnp.ndarray a = <cnp.ndarray>x
     if out is None:
-        if cnp.PyArray_NBYTES(a) >= (1 << 16):
+        if cnp.PyArray_NBYTES(a) >= (1 << 20):  # _checks.APART_MIN_BYTES
             from fastnorm._checks import empty_apart
             return empty_apart((<object>x).shape, (<object>x).dtype, apart)
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), t, 0)
