@@ -266,13 +266,15 @@ def _bn_args(x, weight, bias, layout):
     return (x, weight, bias, layout) + channel_view(x, layout)
 
 
-def _bn_front(name):
+def _bn_front(name, *args):
     """The current backend's one-call BatchNorm entry ``name`` (``bn_train``, ``bn_eval``,
-    ``bn_backward``: Cython, see the end of fastnorm/_ext/_kernels.pxi), or None.  It
-    takes the arguments as they are or returns None, and the validated path below runs."""
+    ``bn_backward``: Cython, see the end of fastnorm/_ext/_kernels.pxi) called with
+    ``args`` and the thread count: its result, or None where there is no such entry or
+    it does not take the arguments as they are (the validated path then runs)."""
     if not _config.FUSED_PASSES:
         return None
-    return getattr(get_kernels(), name, None)
+    front = getattr(get_kernels(), name, None)
+    return None if front is None else front(*args, _config.get_num_threads())
 
 
 def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=None, *,
@@ -283,12 +285,10 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", out=Non
     invstd = 1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias.  Running
     buffers, when given, are updated in place as in ``batch_norm``.
     """
-    front = _bn_front("bn_train")
-    if front is not None:
-        r = front(x, weight, bias, eps, layout, out, running_mean, running_var, momentum,
-                  _config.get_num_threads())
-        if r is not None:
-            return r
+    r = _bn_front("bn_train", x, weight, bias, eps, layout, out, running_mean, running_var,
+                  momentum)
+    if r is not None:
+        return r
     x, weight, bias, layout, C, dims = _bn_args(x, weight, bias, layout)
     eps = _checks.eps(eps)
     momentum = _check_running(running_mean, running_var, C, momentum)
@@ -306,12 +306,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", out=Non
     dweight = sum(dy * (x - mean) * invstd), dbias = sum(dy); both None unless
     ``param_grads`` (default: ``weight is not None``).
     """
-    front = _bn_front("bn_backward")
-    if front is not None:
-        r = front(dy, x, mean, invstd, weight, layout, out, param_grads,
-                  _config.get_num_threads())
-        if r is not None:
-            return r
+    r = _bn_front("bn_backward", dy, x, mean, invstd, weight, layout, out, param_grads)
+    if r is not None:
+        return r
     x, weight, _, layout, C, dims = _bn_args(x, weight, None, layout)
     if param_grads is None:
         param_grads = weight is not None
@@ -373,12 +370,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if training:
         return batch_norm_train(x, weight, bias, eps, layout, out, running_mean=running_mean,
                                 running_var=running_var, momentum=momentum)[0]
-    front = _bn_front("bn_eval")
-    if front is not None:
-        y = front(x, running_mean, running_var, weight, bias, eps, layout, out,
-                  _config.get_num_threads())
-        if y is not None:
-            return y
+    y = _bn_front("bn_eval", x, running_mean, running_var, weight, bias, eps, layout, out)
+    if y is not None:
+        return y
     x, weight, bias, layout, C, dims = _bn_args(x, weight, bias, layout)
     eps = _checks.eps(eps)
     return _eval(x, dims, C, running_mean, running_var, weight, bias, eps, out,
