@@ -189,7 +189,10 @@ THREAD_SHAPES = [
     ("batch_norm", "NCHW", (16, 32, 16, 16), None, {"seg_forward", "seg_backward"}),
     ("batch_norm", "NHWC", (64, 8, 8, 32), None, {"col_sums", "col_grad_sums"}),
     ("layer_norm", "last1", (1, 1 << 18), None, {"seg_sums", "seg_grad_sums"}),
-    ("layer_norm", "last1", (192, 768), None, {"seg_forward", "row_param_grads"}),
+    ("layer_norm", "last1", (192, 768), None, {"seg_forward", "rows_backward"}),
+    # rows long enough for their parameter gradients to go in blocks of columns
+    ("layer_norm", "last1", (4, 1 << 15), None, {"seg_forward", "seg_backward",
+                                                  "row_param_grads"}),
     ("rms_norm", "last1", (2, 1 << 17), None, {"seg_sums", "seg_grad_sums"}),
     ("group_norm", "NCHW", (1, 4, 1 << 15), 2, {"seg_sums", "seg_grad_sums"}),
     ("group_norm", "NHWC", (4, 48, 48, 16), 4, {"col_sums", "col_grad_sums"}),

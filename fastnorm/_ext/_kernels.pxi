@@ -989,6 +989,44 @@ cdef inline void _rows_backward(const floating* dy, const floating* x, floating*
         a = b
 
 
+def rows_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
+                  Py_ssize_t K, Py_ssize_t nrch, const double[::1] mean,
+                  const double[::1] invstd, const floating[::1] weight, bint center,
+                  floating[::1] dx, double[::1] dweight, double[::1] dbias,
+                  Py_ssize_t nthreads):
+    """Row norms (LayerNorm/RMSNorm): dx and the parameter gradients, the R rows in nrch
+    chunks (chunk c sums into dweight/dbias[c*K:(c+1)*K], merged by the caller), each
+    chunk in blocks of rows (``_rows_backward``: a block's dx, then its parameter
+    gradients while its dy and x are in cache)."""
+    cdef Py_ssize_t c, total = R * K
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(dx.shape[0], total, "dx")
+    _need(mean.shape[0], R, "mean")
+    _need(invstd.shape[0], R, "invstd")
+    _need_opt(weight.shape[0], K, "weight")
+    _need(dweight.shape[0], nrch * K, "dweight")
+    _need(dbias.shape[0], nrch * K, "dbias")
+    if nrch < 1 or nrch > R:
+        raise ValueError("expected 1 <= nrch <= R")
+    if total == 0:
+        return
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef floating* dxp = &dx[0]
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef const double* mp = &mean[0]
+    cdef const double* rp = &invstd[0]
+    cdef double* dwp = &dweight[0]
+    cdef double* dbp = &dbias[0]
+    cdef bint st = _streams(total, sizeof(floating))
+    for c in prange(nrch, nogil=True, schedule='static', num_threads=nthreads):
+        _rows_backward(dyp, xp, dxp, R * c // nrch, R * (c + 1) // nrch, K, mp, rp, wp,
+                       center, dwp + c * K, dbp + c * K, st)
+        if st:
+            fn_sfence()
+
+
 def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
                     Py_ssize_t K, Py_ssize_t nrch, Py_ssize_t nblk, const double[::1] mean,
                     const double[::1] invstd, double[::1] dweight, double[::1] dbias,

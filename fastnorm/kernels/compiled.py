@@ -248,6 +248,17 @@ class CompiledBackend:
         invstd = np.ascontiguousarray(invstd, np.float64)
         row_norm = self._is_row_norm(dims)  # one parameter per value of the row
         want = param_grads and not row_norm
+        if row_norm and param_grads and dx is not None and self._row_chunks(P, Kc)[1] == 1:
+            # rows, not split into column blocks: dx and the parameter gradients of a block
+            # of rows while it is in cache ((4096,1024) LayerNorm, Numba: see rows_backward)
+            nt = self._threads(x.size)
+            nrch = self._row_chunks(P, Kc)[0]
+            dweight = np.empty(nrch * Kc)
+            dbias = np.empty(nrch * Kc)
+            self.k.rows_backward(dy.reshape(-1), x.reshape(-1), P, Kc, nrch, mean, invstd,
+                                 self._flat_param(weight, x.dtype), bool(center),
+                                 dx.reshape(-1), dweight, dbias, nt)
+            return dweight.reshape(nrch, Kc).sum(axis=0), dbias.reshape(nrch, Kc).sum(axis=0)
         if not self._is_columns(dims) and self._nparts(dims) == 1:
             nt = self._threads(x.size)  # fused: sums and dx of each group while it is in cache
             sdy = np.empty(P * G * Kc if want else 0)

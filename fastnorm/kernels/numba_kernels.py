@@ -530,6 +530,46 @@ def col_apply_backward(dy, x, P, M, W, Ks, nch, k1, k2, k3, dx, nthreads):
 
 
 @_jit(True)
+def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, dbias,
+                  nthreads):
+    """Row norms (LayerNorm/RMSNorm): dx and the parameter gradients, the R rows in nrch
+    chunks (chunk c sums into dweight/dbias[c*K:(c+1)*K], merged by the caller), each
+    chunk in blocks of rows: a block's dx, then its parameter gradients while its dy and
+    x are in cache (256 KB of each; the Cython module's ``rows_backward``)."""
+    B = max(1, min(64, (262144 // x.itemsize) // K))
+    for c in prange(nrch):
+        r0 = R * c // nrch
+        r1 = R * (c + 1) // nrch
+        dw = dweight[c * K:(c + 1) * K]
+        db = dbias[c * K:(c + 1) * K]
+        dw[:] = 0.0
+        db[:] = 0.0
+        a = r0
+        while a < r1:
+            b = min(a + B, r1)
+            for r in range(a, b):  # dx of the row, as seg_backward computes it
+                mu = mean[r]
+                s = invstd[r]
+                A, Bs = _item_grad_sums(dy, x, r * K, K, K, 1, 0, K, mu, weight, 0, dw, db,
+                                        0, False)
+                if not center:
+                    A = 0.0
+                k2 = -s * s * s * Bs / K
+                k3 = s * (mu * s * s * Bs / K - A / K)
+                _item_apply_backward(dy, x, dx, r * K, K, K, 1, 0, K, s, k2, k3, weight, 0)
+            for r in range(a, b):  # the block's parameter gradients, rows in order
+                mu = mean[r]
+                s = invstd[r]
+                dyr = dy[r * K:(r + 1) * K]
+                xr = x[r * K:(r + 1) * K]
+                for k in range(K):
+                    d = np.float64(dyr[k])
+                    dw[k] += d * (np.float64(xr[k]) - mu) * s
+                    db[k] += d
+            a = b
+
+
+@_jit(True)
 def row_param_grads(dy, x, R, K, nrch, nblk, mean, invstd, dweight, dbias, nthreads):
     """Per-value parameter gradients of row norms (LayerNorm/RMSNorm):
     dweight[k] = sum_r dy * (x - mean[r]) * invstd[r], dbias[k] = sum_r dy.
