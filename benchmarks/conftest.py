@@ -21,10 +21,6 @@ def fixed_malloc_thresholds():
     let both libraries reuse freed outputs up to 64 MB in every row."""
     from fastnorm.train import keep_freed_memory
     keep_freed_memory()
-    import os
-    if os.environ.get("NOTHP"):
-        from numpy._core import multiarray
-        multiarray._set_madvise_hugepage(False)
 
 
 @pytest.fixture(scope="session")

@@ -868,8 +868,9 @@ def _require_4d(shape, name, layout):
 
 
 def _helper_threads(size):
-    """Threads for a Cython helper pass over ``size`` values (im2col, col2im), as the
-    kernels decide theirs: one below ``_config.PARALLEL_MIN_ELEMENTS``."""
+    """Threads for a Cython helper pass over ``size`` values (im2col, col2im, the batched
+    products, max pooling), as the kernels decide theirs: one below
+    ``_config.PARALLEL_MIN_ELEMENTS``."""
     return 1 if size < _config.PARALLEL_MIN_ELEMENTS else _config.get_num_threads()
 
 

@@ -22,8 +22,9 @@ samples of a batch on ``nthreads`` OpenMP threads where a function takes it (tra
 - ``batched_matmul(a, b, out, ta, tb, nthreads=1)``: a BLAS product per sample, the
   samples on the threads (BLAS's sgemm/dgemm from ``set_gemm``).
 
-No arithmetic beyond one add per value and comparisons, so results are exactly those of
-the NumPy code they replace whatever the compiler flags.
+Apart from ``batched_matmul`` (BLAS's arithmetic), no arithmetic beyond one add per value
+and comparisons, so results are exactly those of the NumPy code they replace whatever
+the compiler flags.
 """
 cimport numpy as cnp
 import numpy as np

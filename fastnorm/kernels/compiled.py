@@ -248,11 +248,11 @@ class CompiledBackend:
         invstd = np.ascontiguousarray(invstd, np.float64)
         row_norm = self._is_row_norm(dims)  # one parameter per value of the row
         want = param_grads and not row_norm
-        if row_norm and param_grads and dx is not None and self._row_chunks(P, Kc)[1] == 1:
+        nrch, nblk = self._row_chunks(P, Kc) if row_norm else (1, 1)
+        if row_norm and param_grads and dx is not None and nblk == 1:
             # rows, not split into column blocks: dx and the parameter gradients of a block
             # of rows while it is in cache ((4096,1024) LayerNorm, Numba: see rows_backward)
             nt = self._threads(x.size)
-            nrch = self._row_chunks(P, Kc)[0]
             dweight = np.empty(nrch * Kc)
             dbias = np.empty(nrch * Kc)
             self.k.rows_backward(dy.reshape(-1), x.reshape(-1), P, Kc, nrch, mean, invstd,
