@@ -989,6 +989,21 @@ cdef inline void _rows_backward(const floating* dy, const floating* x, floating*
         a = b
 
 
+cdef void _rows_backward_chunks(const floating* dy, const floating* x, floating* dx,
+                                Py_ssize_t R, Py_ssize_t K, Py_ssize_t nrch,
+                                const double* mean, const double* invstd,
+                                const floating* weight, bint center, double* dweight,
+                                double* dbias, bint stream, int nt) noexcept nogil:
+    """``_rows_backward`` over the R rows in nrch chunks on the thread team, chunk c's
+    parameter gradients into dweight/dbias + c*K."""
+    cdef Py_ssize_t c
+    for c in prange(nrch, schedule='static', num_threads=nt):
+        _rows_backward(dy, x, dx, R * c // nrch, R * (c + 1) // nrch, K, mean, invstd,
+                       weight, center, dweight + c * K, dbias + c * K, stream)
+        if stream:
+            fn_sfence()
+
+
 def rows_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
                   Py_ssize_t K, Py_ssize_t nrch, const double[::1] mean,
                   const double[::1] invstd, const floating[::1] weight, bint center,
@@ -998,7 +1013,7 @@ def rows_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
     chunks (chunk c sums into dweight/dbias[c*K:(c+1)*K], merged by the caller), each
     chunk in blocks of rows (``_rows_backward``: a block's dx, then its parameter
     gradients while its dy and x are in cache)."""
-    cdef Py_ssize_t c, total = R * K
+    cdef Py_ssize_t total = R * K
     _need(dy.shape[0], total, "dy")
     _need(x.shape[0], total, "x")
     _need(dx.shape[0], total, "dx")
@@ -1019,12 +1034,9 @@ def rows_backward(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
     cdef const double* rp = &invstd[0]
     cdef double* dwp = &dweight[0]
     cdef double* dbp = &dbias[0]
-    cdef bint st = _streams(total, sizeof(floating))
-    for c in prange(nrch, nogil=True, schedule='static', num_threads=nthreads):
-        _rows_backward(dyp, xp, dxp, R * c // nrch, R * (c + 1) // nrch, K, mp, rp, wp,
-                       center, dwp + c * K, dbp + c * K, st)
-        if st:
-            fn_sfence()
+    with nogil:
+        _rows_backward_chunks(dyp, xp, dxp, R, K, nrch, mp, rp, wp, center, dwp, dbp,
+                              _streams(total, sizeof(floating)), nthreads)
 
 
 def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
@@ -1498,11 +1510,8 @@ cdef int _backward_fused(const floating* dyp, const floating* xp, floating* dxp,
         work = <double*>malloc(2 * nrch * Kc * sizeof(double))  # per chunk of rows
         if work == NULL:
             return -1
-        for ch in prange(nrch, schedule='static', num_threads=nt):
-            _rows_backward(dyp, xp, dxp, P * ch // nrch, P * (ch + 1) // nrch, Kc, mean,
-                           invstd, wp, center, work + ch * Kc, work + (nrch + ch) * Kc, st)
-            if st:
-                fn_sfence()
+        _rows_backward_chunks(dyp, xp, dxp, P, Kc, nrch, mean, invstd, wp, center, work,
+                              work + nrch * Kc, st, nt)
         _merge_chunks(work, nrch, Kc, dw, db)
         free(work)
         return 0
