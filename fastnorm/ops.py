@@ -479,18 +479,43 @@ class Log(Function):
         return grad / x,
 
 
+def _contiguous_float(*arrays):
+    """True when the Cython helpers can take these arrays as they are: C-contiguous
+    ndarrays of one float dtype."""
+    dtype = arrays[0].dtype if isinstance(arrays[0], np.ndarray) else None
+    return _infer is not None and dtype in _HELPER_DTYPES and all(
+        isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+        for a in arrays)
+
+
 @register("relu")
 class ReLU(Function):
+    """``torch.relu``: 0 where x < 0, else x (NaN and -0.0 stay); the gradient passes
+    where the output is not <= 0 (so also at a NaN), as PyTorch's threshold_backward.
+    One pass of the Cython helper (on the threads from PARALLEL_MIN_ELEMENTS values) for
+    C-contiguous float arrays: (32,32,8,8) forward 25 -> 7 us, backward 20 -> 6 us against
+    ``np.maximum(x, 0)`` and ``grad * (out > 0)``."""
+
     @staticmethod
     def forward(ctx, x):
-        out = np.maximum(x, 0)  # NaN propagates, as in PyTorch
+        if _contiguous_float(x):
+            out = _checks.empty_apart(x.shape, x.dtype, (x,))
+            _infer.relu(x, out, _helper_threads(x.size))
+        else:
+            x = np.asarray(x)
+            out = np.where(x < 0, x.dtype.type(0), x) if x.dtype.kind == "f" \
+                else np.maximum(x, 0)
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out, = ctx.saved
-        return grad * (out > 0),
+        if _contiguous_float(grad, out):
+            gx = _checks.empty_apart(grad.shape, grad.dtype, (grad, out))
+            _infer.relu_backward(grad, out, gx, _helper_threads(grad.size))
+            return gx,
+        return np.where(out <= 0, np.zeros((), np.result_type(grad)), grad),
 
 
 @register("sigmoid")

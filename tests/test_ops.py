@@ -420,6 +420,39 @@ def test_activations_and_linear_match_torch():
     compare(lambda a, b: a @ b, lambda a, b: a @ b, [f32(2, 1, 3, 4), f32(5, 4, 2, seed=1)])
 
 
+RELU_SPECIAL = [np.nan, -0.0, 0.0, -1.0, 2.0, np.inf, -np.inf, 1e-45, -1e-45]
+RELU_GRAD = [1.0, np.inf, np.nan, 2.0, -3.0, np.inf, 1.0, np.nan, 5.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["special", "threads", "strided"])
+def test_relu_bits_match_torch(dtype, case):
+    """Both paths (the Cython helper for C-contiguous arrays, split over the threads from
+    PARALLEL_MIN_ELEMENTS values, and NumPy for the rest) give torch.relu's bits: -0.0
+    and NaN stay, and the gradient passes at a NaN output but not at a zero one, even an
+    inf or NaN gradient."""
+    n = 40_000 if case == "threads" else len(RELU_SPECIAL)
+    rng = np.random.default_rng(3)
+    x = np.resize(np.array(RELU_SPECIAL, dtype), n)
+    g = np.resize(np.array(RELU_GRAD, dtype), n)
+    if case == "threads":
+        x[len(RELU_SPECIAL):] = rng.standard_normal(n - len(RELU_SPECIAL))
+        g[len(RELU_SPECIAL):] = rng.standard_normal(n - len(RELU_SPECIAL))
+    if case == "strided":  # a view: the NumPy path
+        x = np.repeat(x, 2)[::2]
+    t = Tensor(x, requires_grad=True)
+    y = F.relu(t)
+    with np.errstate(invalid="ignore"):
+        y.backward(g)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(tx)
+    ty.backward(torch.tensor(g))
+    for ours, ref in ((y.data, ty.detach().numpy()), (t.grad, tx.grad.numpy())):
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(ours.view(f"u{ours.itemsize}"),
+                                      ref.view(f"u{ref.itemsize}"))
+
+
 def test_sigmoid_tails_do_not_overflow():
     with np.errstate(over="raise", invalid="raise"):
         y = F.sigmoid(Tensor(np.array([-1000.0, 0.0, 1000.0], np.float32))).data
