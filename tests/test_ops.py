@@ -327,10 +327,11 @@ def _pool_pair(x, ours, ref, layout, seed):
     return y.data, t.grad, y_ref, gx_ref
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("helper", ["cython", "threads", "numpy"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypatch):
+def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, dtype, monkeypatch):
     """Ties go to the window's first maximum and a NaN wins (PyTorch's CPU kernel keeps the
     last of several), so the gradient lands where PyTorch puts it: with the Cython helper
     (on one thread, and its samples on the threads: every pass parallel here) and with
@@ -340,7 +341,7 @@ def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypat
     if helper == "threads":
         monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
     k, s, p = case
-    x = np.floor(f32(2, 3, 9, 10) * 1.5)  # few distinct values: many ties
+    x = np.floor(rand(2, 3, 9, 10, dtype=dtype) * 1.5)  # few distinct values: many ties
     x[0, 1, 2, 3] = np.nan
     x[1, 2, 5, 5] = x[1, 2, 5, 6] = x[1, 2, 6, 5] = np.nan
     y, gx, y_ref, gx_ref = _pool_pair(x, lambda t: F.max_pool2d(t, k, s, p, layout=layout),
@@ -348,6 +349,21 @@ def test_max_pool_ties_and_nans_route_like_torch(layout, case, helper, monkeypat
     np.testing.assert_array_equal(y, y_ref)  # NaN where PyTorch has NaN
     # (overlapping windows add into one input in another order: rounding only)
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_max_pool_of_a_strided_view_equals_its_copy(layout):
+    """The helper reads a view in place (row and column strides of any size)."""
+    big = np.floor(f32(2, 3, 10, 16) * 1.5)
+    x = big[:, :, 1:, ::2] if layout == "NCHW" else nhwc(big)[:, 1:, ::2]
+    outs = []
+    for a in (x, np.ascontiguousarray(x)):
+        t = Tensor(a, requires_grad=True)
+        y = F.max_pool2d(t, 2, layout=layout)
+        y.backward(np.arange(y.data.size, dtype=np.float32).reshape(y.shape))
+        outs.append((y.data, t.grad))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_max_pool_nan_propagates_like_torch():
