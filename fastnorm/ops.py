@@ -928,20 +928,30 @@ def _gemm_ready():
     return _gemm and _infer is not None
 
 
-def _bmm(a, b, ta=False, tb=False):
+WGRAD_GROUPS = 4  # partial sums of a convolution's weight gradient (see _bmm)
+
+
+def _bmm(a, b, ta=False, tb=False, summed=False):
     """op(a) @ op(b) per sample, op transposing the last two axes when asked; 3-D
     operands, or a 2-D one shared by the batch.  With C-contiguous float operands of one
     dtype and SciPy's BLAS, one BLAS call per sample on the kernels' threads
     (``_infer.batched_matmul``): NumPy's matmul makes the same calls one after another on
     one thread, and at (32,16,8,8) -> 32 channels the three products of a convolution
-    took 165+233+173 us that way, 83+117+87 us on 2 threads.  Else ``np.matmul``."""
+    took 165+233+173 us that way, 83+117+87 us on 2 threads.  Else ``np.matmul``.
+
+    ``summed``: the sum over the samples is wanted (a weight gradient).  The result then
+    has fewer matrices to sum: with BLAS, WGRAD_GROUPS partial sums, each over a fixed
+    run of samples added by BLAS in order, the same for any thread count ((32,16,8,8) ->
+    32 channels: product and sum 138 -> 105 us); else one per sample."""
     A = a.swapaxes(-1, -2) if ta else a
     B = b.swapaxes(-1, -2) if tb else b
     if a.dtype == b.dtype and a.dtype in _HELPER_DTYPES and a.flags.c_contiguous \
             and b.flags.c_contiguous and (a.ndim == 3 or b.ndim == 3) and _gemm_ready():
-        out = np.empty((a.shape[0] if a.ndim == 3 else b.shape[0], A.shape[-2], B.shape[-1]),
-                       a.dtype)
-        _infer.batched_matmul(a, b, out, ta, tb, _helper_threads(out.size))
+        n = a.shape[0] if a.ndim == 3 else b.shape[0]
+        groups = min(n, WGRAD_GROUPS) if summed else n
+        out = np.empty((groups, A.shape[-2], B.shape[-1]), a.dtype)
+        _infer.batched_matmul(a, b, out, ta, tb,
+                              _helper_threads(out.size * (n // max(groups, 1))), n)
         return out
     return np.matmul(A, B)
 
@@ -1029,8 +1039,8 @@ class Conv2d(Function):
             g3 = grad.reshape(N, O, out_hw[0] * out_hw[1])
             if nw:  # per sample cols @ g^T: with NumPy, g @ cols^T (a transposed
                 # second operand) took twice as long ((32,16,8,8) -> 32: 440 us)
-                gw = np.ascontiguousarray(_bmm(cols, g3, tb=True).sum(axis=0).T)
-                gw = gw.reshape(wshape)
+                gw = _bmm(cols, g3, tb=True, summed=True).sum(axis=0)
+                gw = np.ascontiguousarray(gw.T).reshape(wshape)
             if nb:
                 gb = g3.sum(axis=(0, 2))
             if nx and _infer is not None and grad.dtype in _HELPER_DTYPES \
@@ -1052,7 +1062,7 @@ class Conv2d(Function):
             P = out_hw[0] * out_hw[1]
             g3 = grad.reshape(N, P, O)  # per sample, as in forward
             if nw:
-                gw = _bmm(cols.reshape(N, P, kH * kW * C), g3, ta=True)
+                gw = _bmm(cols.reshape(N, P, kH * kW * C), g3, ta=True, summed=True)
                 gw = np.ascontiguousarray(
                     gw.sum(axis=0).T.reshape(O, kH, kW, C).transpose(0, 3, 1, 2))
             if nb:

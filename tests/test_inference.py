@@ -310,6 +310,24 @@ def test_batched_matmul_matches_numpy():
                         np.testing.assert_array_equal(outs[2], outs[0])
                         got = ops._bmm(a, b, ta, tb)  # the op's entry
                         np.testing.assert_array_equal(got, outs[0])
+                        for G in (1, 2, N - 1):  # partial sums over runs of samples
+                            if not 0 < G < N:
+                                continue
+                            sums = []
+                            for nt in (1, 2, 3):
+                                out = np.full((G, M, Nc), np.nan, dt)
+                                infer.batched_matmul(a, b, out, ta, tb, nt, N)
+                                sums.append(out)
+                            groups = np.arange(N) * G // N
+                            for g in range(G):
+                                np.testing.assert_allclose(
+                                    sums[0][g], want[groups == g].sum(axis=0), rtol=tol,
+                                    atol=tol * K * N)
+                            np.testing.assert_array_equal(sums[1], sums[0])
+                            np.testing.assert_array_equal(sums[2], sums[0])
+                        summed = ops._bmm(a, b, ta, tb, summed=True).sum(axis=0)
+                        np.testing.assert_allclose(summed, want.sum(axis=0), rtol=tol,
+                                                   atol=tol * K * N)
     z = np.empty((2, 3, 4), np.float32)
     infer.batched_matmul(np.ones((3, 0), np.float32), np.ones((2, 0, 4), np.float32), z,
                          False, False, 2)

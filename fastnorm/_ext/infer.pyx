@@ -764,18 +764,25 @@ cdef inline bint _operand(cnp.ndarray a, int kind, Py_ssize_t N, Py_ssize_t* r,
 
 
 def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint tb,
-                   int nthreads=1):
+                   int nthreads=1, Py_ssize_t samples=0):
     """out[n] = op(a[n]) @ op(b[n]) for n < N = out.shape[0], op transposing with
     ``ta``/``tb``; a 2-D operand is the same matrix for every n.  C-contiguous arrays of
     one float dtype; the products on up to ``nthreads`` threads, one BLAS call (one
-    thread) each, so the values do not depend on the thread count."""
+    thread) each, so the values do not depend on the thread count.
+
+    ``samples`` > G = out.shape[0]: the operands hold ``samples`` matrices and out[g] is
+    the sum of the products of the samples n with n * G // samples == g, added in order
+    by BLAS (beta = 1); the groups go to the threads, so the sums do not depend on the
+    thread count either.  (A weight gradient: G partial sums instead of one product per
+    sample written out and summed.)"""
     if _sgemm == NULL:
         raise RuntimeError("batched_matmul: no BLAS set (set_gemm)")
     cdef int kind = _kind(out)
     if cnp.PyArray_NDIM(out) != 3 or not cnp.PyArray_IS_C_CONTIGUOUS(out) \
             or not cnp.PyArray_ISWRITEABLE(out):
         raise ValueError("out: expected a writable C-contiguous 3-D array")
-    cdef Py_ssize_t N = cnp.PyArray_DIMS(out)[0]
+    cdef Py_ssize_t G = cnp.PyArray_DIMS(out)[0]
+    cdef Py_ssize_t N = samples if samples > G else G
     cdef Py_ssize_t M = cnp.PyArray_DIMS(out)[1], Nc = cnp.PyArray_DIMS(out)[2]
     cdef Py_ssize_t ar, ac, br, bc
     cdef bint ash, bsh
@@ -800,17 +807,27 @@ def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint 
     cdef int ldc = <int>(Nc if Nc > 0 else 1)
     cdef float f1 = 1.0, f0 = 0.0
     cdef double d1 = 1.0, d0 = 0.0
-    cdef int nt = max(1, min(nthreads, N))
-    cdef Py_ssize_t i
-    if N == 0 or M == 0 or Nc == 0:
+    cdef int nt = max(1, min(nthreads, G))
+    cdef Py_ssize_t g, i
+    if G == 0 or M == 0 or Nc == 0:
         return
-    if K == 0:
+    if K == 0 or N == 0:
         out[...] = 0
         return
-    for i in prange(N, nogil=True, schedule='static', num_threads=nt):
+    for g in prange(G, nogil=True, schedule='static', num_threads=nt):
+        i = (g * N + G - 1) // G  # the first sample n with n * G // N == g
         if kind == 0:
             _sgemm(&tra, &trb, &m, &n_, &k, &f1, <float*>(bp + i * sb), &lda,
-                   <float*>(ap + i * sa), &ldb, &f0, <float*>(op + i * so), &ldc)
+                   <float*>(ap + i * sa), &ldb, &f0, <float*>(op + g * so), &ldc)
         else:
             _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
-                   <double*>(ap + i * sa), &ldb, &d0, <double*>(op + i * so), &ldc)
+                   <double*>(ap + i * sa), &ldb, &d0, <double*>(op + g * so), &ldc)
+        i = i + 1
+        while i < ((g + 1) * N + G - 1) // G:
+            if kind == 0:
+                _sgemm(&tra, &trb, &m, &n_, &k, &f1, <float*>(bp + i * sb), &lda,
+                       <float*>(ap + i * sa), &ldb, &f1, <float*>(op + g * so), &ldc)
+            else:
+                _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
+                       <double*>(ap + i * sa), &ldb, &d1, <double*>(op + g * so), &ldc)
+            i = i + 1
