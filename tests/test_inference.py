@@ -393,6 +393,11 @@ def test_infer_helpers_match_numpy():
                 cols = np.empty(ref.shape, dt)
                 infer.im2col(x, cols, k, s, p, layout == "NHWC")
                 np.testing.assert_array_equal(cols, ref)
+                if layout == "NHWC":  # channels strided: an NCHW array viewed as NHWC
+                    xs = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 3, 1)), 1, 3)
+                    cols_s = np.empty(ref.shape, dt)
+                    infer.im2col(xs, cols_s, k, s, p, True)
+                    np.testing.assert_array_equal(cols_s, ref)
                 # the samples on several threads: the same values (im2col and col2im)
                 gx = [np.empty(x.shape, dt) for _ in range(3)]
                 for i, nt in enumerate((1, 2, 3)):

@@ -31,7 +31,7 @@ the compiler flags.
 """
 cimport numpy as cnp
 import numpy as np
-from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from cython.parallel cimport prange, threadid
 
 cnp.import_array()
@@ -112,29 +112,32 @@ cdef void _im2col_nhwc(const real* x, real* cols, Py_ssize_t C,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1,
                        Py_ssize_t s2, Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                       Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
-    """One sample."""
-    cdef Py_ssize_t c, i, j, oh, ow, ih, iw
+                       Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
+    """One sample: the sample is copied into ``plane`` (Hp x Wp x C, its zero padding
+    written by the caller once), so that each window row is kW*C contiguous values,
+    copied without bounds checks (one value per copy with C = 1 took 49 us at
+    (32,8,8,1); 3x3, padding 1)."""
+    cdef Py_ssize_t c, i, t, oh, ow, h, w
+    cdef Py_ssize_t Wp = W + 2 * pw, L = kW * C
     cdef const real* src
+    cdef real* row
     cdef real* dst = cols
+    for h in range(H):
+        row = plane + ((h + ph) * Wp + pw) * C
+        if s3 == 1 and s2 == C:
+            for t in range(W * C):
+                row[t] = x[h * s1 + t]
+        else:
+            for w in range(W):
+                for c in range(C):
+                    row[w * C + c] = x[h * s1 + w * s2 + c * s3]
     for oh in range(Ho):
         for ow in range(Wo):
             for i in range(kH):
-                ih = oh * sh - ph + i
-                for j in range(kW):
-                    iw = ow * sw - pw + j
-                    if ih < 0 or ih >= H or iw < 0 or iw >= W:
-                        for c in range(C):
-                            dst[c] = 0
-                    else:
-                        src = x + ih * s1 + iw * s2
-                        if s3 == 1:
-                            for c in range(C):
-                                dst[c] = src[c]
-                        else:
-                            for c in range(C):
-                                dst[c] = src[c * s3]
-                    dst += C
+                src = plane + ((oh * sh + i) * Wp + ow * sw) * C
+                for t in range(L):
+                    dst[t] = src[t]
+                dst += L
 
 
 def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc,
@@ -156,21 +159,26 @@ def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc,
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x)
     cdef char* planes = NULL
     cdef Py_ssize_t n
-    if not nhwc:  # a padded plane per thread
+    if nhwc:  # a padded image per thread (HWC), its padding zeroed here once
+        psize = psize * C
+        planes = <char*>PyMem_RawCalloc(nt * psize, isz)
+    else:  # a padded plane per thread
         planes = <char*>PyMem_RawMalloc(nt * psize * isz)
-        if planes == NULL:
-            raise MemoryError()
+    if planes == NULL:
+        raise MemoryError()
     for n in prange(N, nogil=True, schedule='static', num_threads=nt):
         if kind == 0 and nhwc:
             _im2col_nhwc(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
-                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo)
+                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <float*>(planes + threadid() * psize * isz))
         elif kind == 0:
             _im2col_nchw(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
                          H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
                          <float*>(planes + threadid() * psize * isz))
         elif nhwc:
             _im2col_nhwc(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
-                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo)
+                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <double*>(planes + threadid() * psize * isz))
         else:
             _im2col_nchw(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
                          C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
@@ -646,24 +654,28 @@ cdef void _col2im_nchw(const real* cols, real* gx, Py_ssize_t C,
 cdef void _col2im_nhwc(const real* cols, real* gx, Py_ssize_t C,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                       Py_ssize_t Ho, Py_ssize_t Wo) noexcept nogil:
-    """The adjoint of _im2col_nhwc for one sample into gx (C-contiguous HWC)."""
-    cdef Py_ssize_t n, c, i, j, oh, ow, ih, iw
+                       Py_ssize_t Ho, Py_ssize_t Wo, real* plane) noexcept nogil:
+    """The adjoint of _im2col_nhwc for one sample into gx (C-contiguous HWC): window
+    rows of kW*C values added into the padded image ``plane`` (what lands in the padding
+    is dropped), then its interior copied out.  Each value of gx gets its terms in the
+    order of the windows, as without the padded image."""
+    cdef Py_ssize_t t, i, oh, ow, h
+    cdef Py_ssize_t Hp = H + 2 * ph, Wp = W + 2 * pw, L = kW * C
     cdef const real* src = cols
     cdef real* dst
-    for n in range(H * W * C):
-        gx[n] = 0
+    for t in range(Hp * Wp * C):
+        plane[t] = 0
     for oh in range(Ho):
         for ow in range(Wo):
             for i in range(kH):
-                ih = oh * sh - ph + i
-                for j in range(kW):
-                    iw = ow * sw - pw + j
-                    if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                        dst = gx + (ih * W + iw) * C
-                        for c in range(C):
-                            dst[c] += src[c]
-                    src += C
+                dst = plane + ((oh * sh + i) * Wp + ow * sw) * C
+                for t in range(L):
+                    dst[t] += src[t]
+                src += L
+    for h in range(H):
+        dst = plane + ((h + ph) * Wp + pw) * C
+        for t in range(W * C):
+            gx[h * W * C + t] = dst[t]
 
 
 def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
@@ -690,21 +702,24 @@ def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
     cdef char* gp = <char*>cnp.PyArray_DATA(gx)
     cdef char* planes = NULL
     cdef Py_ssize_t n
-    if not nhwc:  # a padded plane per thread
-        planes = <char*>PyMem_RawMalloc(nt * psize * isz)
-        if planes == NULL:
-            raise MemoryError()
+    if nhwc:  # a padded image (HWC) per thread
+        psize = psize * C
+    planes = <char*>PyMem_RawMalloc(nt * psize * isz)  # else a padded plane per thread
+    if planes == NULL:
+        raise MemoryError()
     for n in prange(N, nogil=True, schedule='static', num_threads=nt):
         if kind == 0 and nhwc:
             _col2im_nhwc(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
-                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo)
+                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <float*>(planes + threadid() * psize * isz))
         elif kind == 0:
             _col2im_nchw(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
                          H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
                          <float*>(planes + threadid() * psize * isz))
         elif nhwc:
             _col2im_nhwc(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
-                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo)
+                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
+                         <double*>(planes + threadid() * psize * isz))
         else:
             _col2im_nchw(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
                          C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
