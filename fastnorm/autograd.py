@@ -154,10 +154,17 @@ class _Record:
         return getattr(self.op, "name", getattr(self.op, "__name__", "op"))
 
 
+_new_tensor = object.__new__
+
+
 def record(op, ctx, inputs, out):
     """Wrap an op's output array in a Tensor and, if ``ctx.needs_input_grad`` has a True,
     append the op to the tape.  Called by ``fastnorm.ops.Function.apply``."""
-    t = Tensor(out)
+    if type(out) is np.ndarray:  # Tensor(out) without __init__'s conversions
+        t = _new_tensor(Tensor)
+        t.data, t.grad, t._record, t.requires_grad = out, None, None, False
+    else:
+        t = Tensor(out)
     if True in ctx.needs_input_grad:
         targets = tuple([(a._record if a._record is not None else a) if needs else None
                          for a, needs in zip(inputs, ctx.needs_input_grad)])
@@ -179,11 +186,13 @@ def _graph(root):
     return sorted(seen, key=lambda r: r.seq, reverse=True)
 
 
-def _checked(grad, shape, dtype, where):
+def _checked(grad, shape, dtype, record, i):
+    """Input ``i``'s gradient from ``record``'s backward as an ndarray of ``shape`` and
+    ``dtype`` (cast if needed); an error names the op and the input."""
     grad = np.asarray(grad)
     if grad.shape != shape:
-        raise RuntimeError(f"{where}: gradient of shape {grad.shape} for a tensor of shape "
-                           f"{shape}")
+        raise RuntimeError(f"{record.name}.backward, input {i}: gradient of shape "
+                           f"{grad.shape} for a tensor of shape {shape}")
     return grad if grad.dtype == dtype else grad.astype(dtype)
 
 
@@ -220,14 +229,17 @@ def run_backward(root, grad, retain_graph=False):
         for i, (target, gi) in enumerate(zip(r.targets, grads)):
             if target is None or gi is None:
                 continue
-            where = f"{r.name}.backward, input {i}"
             if type(target) is _Record:
-                gi = _checked(gi, target.shape, target.dtype, where)
+                shape, dtype = target.shape, target.dtype
+            else:
+                shape, dtype = target.data.shape, target.data.dtype
+            if type(gi) is not np.ndarray or gi.shape != shape or gi.dtype != dtype:
+                gi = _checked(gi, shape, dtype, r, i)
+            if type(target) is _Record:
                 prev = pending.get(target)
                 pending[target] = gi if prev is None else prev + gi
             else:
-                _accumulate_leaf(target, _checked(gi, target.data.shape,
-                                                  target.data.dtype, where))
+                _accumulate_leaf(target, gi)
 
 
 # -------------------------------------------------------------------------- Tensor ----

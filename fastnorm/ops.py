@@ -85,7 +85,8 @@ class Function:
             ctx = Context(tuple([isinstance(a, Tensor) and a.requires_grad for a in args]))
         else:
             ctx = Context((False,) * len(args))
-        out = cls.forward(ctx, *[_value(a) for a in args], **params)
+        out = cls.forward(ctx, *[a.data if type(a) is Tensor else _value(a) for a in args],
+                          **params)
         return record(cls, ctx, args, out)
 
 
