@@ -63,6 +63,21 @@ def _cython_kernels():
     return portable
 
 
+def infer_module():
+    """``fastnorm._ext.infer`` (the helpers of the convolutions, pooling, ReLU and the
+    fused inference plans), or its AVX2+FMA twin on the same terms as the kernels
+    (``_cython_kernels``).  ImportError when the extension was not built."""
+    portable = importlib.import_module("fastnorm._ext.infer")
+    if os.environ.get("FASTNORM_CYTHON_ISA", "").strip().lower() in ("baseline", "portable"):
+        return portable
+    try:
+        if importlib.import_module("fastnorm._ext.kernels").cpu_has_avx2_fma():
+            return importlib.import_module("fastnorm._ext.infer_avx2")
+    except ImportError:
+        pass
+    return portable
+
+
 def get_kernels(name=None):
     """The kernel object of a backend (the current one by default)."""
     if name is None:

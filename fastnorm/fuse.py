@@ -20,7 +20,7 @@ require grad; the fused parameters never do) ``forward`` runs the plan: no Tenso
 tape, no saved values, so a request holds its activations and nothing else.  A
 convolution is the im2col of ``ops.conv2d`` and one BLAS product, with the column
 matrix, the bias + ReLU and max pooling done by the small single-pass helpers of
-``fastnorm/_ext/infer.pyx`` (NumPy, as in ``ops``, when that extension is not built); a
+``fastnorm/_ext/_infer.pxi`` (NumPy, as in ``ops``, when that extension is not built); a
 standalone BatchNorm runs the backend kernel through ``norms.batch_norm_eval_fast``.
 The plan keeps no state between calls, so one fused model serves any number of
 threads.  Input it does not expect (another dtype, rank or channel count, an empty
@@ -33,11 +33,11 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-from . import nn, norms, ops
+from . import _backend, nn, norms, ops
 from .autograd import Context, Tensor, is_grad_enabled
 
 try:  # the inference helpers of the Cython build; NumPy does the same without them
-    from ._ext import infer as _infer
+    _infer = _backend.infer_module()
 except ImportError:
     _infer = None
 

@@ -34,12 +34,12 @@ import numbers
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
-from . import _checks, _config, norms
+from . import _backend, _checks, _config, norms
 from ._random import generator
 from .autograd import Context, Tensor, is_grad_enabled, record, unbroadcast
 
 try:  # single-pass im2col and max pooling (Cython); the NumPy code below without them
-    from ._ext import infer as _infer
+    _infer = _backend.infer_module()
 except ImportError:
     _infer = None
 _HELPER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -959,7 +959,7 @@ def _bmm(a, b, ta=False, tb=False, summed=False):
 
 def _im2col(x, kernel, stride, padding, layout, shape):
     """The column matrix of a convolution: NCHW (N, C*kH*kW, Ho*Wo), NHWC
-    (N*Ho*Wo, kH*kW*C).  The Cython helper (fastnorm/_ext/infer.pyx) writes the same
+    (N*Ho*Wo, kH*kW*C).  The Cython helper (fastnorm/_ext/_infer.pxi) writes the same
     values in one pass from the unpadded input, 1.1-3.5x faster than padding and copying
     the window view (measured (1,16,8,8) to (8,64,56,56)), its samples on the kernels'
     threads from PARALLEL_MIN_ELEMENTS values; NumPy when it is not built."""

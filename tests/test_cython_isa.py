@@ -82,3 +82,60 @@ def test_twin_matches_portable_fused(dims, dtype):
     tol = 1e-12 if dtype == np.float64 else 1e-5
     for a, c in zip(*outs):
         np.testing.assert_allclose(a, c, rtol=tol, atol=tol * np.abs(c).max())
+
+
+def _infer_twins():
+    portable_infer = pytest.importorskip("fastnorm._ext.infer")
+    _twin()  # skips without AVX2+FMA
+    try:
+        return portable_infer, importlib.import_module("fastnorm._ext.infer_avx2")
+    except ImportError:
+        pytest.skip("the AVX2 twin of infer was not built")
+
+
+def test_infer_module_is_the_twin_unless_told():
+    from fastnorm import _backend, ops
+    _infer_twins()
+    assert ops._infer.__name__ == "fastnorm._ext.infer_avx2"
+    code = "import fastnorm.ops as o; print(o._infer.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "FASTNORM_CYTHON_ISA": "baseline"})
+    assert out.stdout.strip() == "fastnorm._ext.infer", out.stderr
+    assert _backend.infer_module() is ops._infer
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infer_twin_gives_the_same_bits(layout, dtype):
+    """The helpers add, copy and compare (no multiply an FMA could fuse): both builds
+    give the same bits, on one thread and two."""
+    nhwc = layout == "NHWC"
+    rng = np.random.default_rng(5)
+    shape = (3, 9, 10, 6) if nhwc else (3, 6, 9, 10)
+    x = np.floor(rng.standard_normal(shape) * 2).astype(dtype)  # ties for pooling
+    x.flat[7] = np.nan
+    g = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for mod in _infer_twins():
+        r = []
+        for nt in (1, 2):
+            for k, st, p in [((3, 3), (1, 1), (1, 1)), ((2, 2), (2, 2), (0, 0)),
+                             ((3, 2), (2, 1), (1, 0))]:
+                N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = mod._geometry(x, k, st, p, nhwc)
+                cols = np.empty(N * C * kH * kW * Ho * Wo, dtype)
+                mod.im2col(x, cols, k, st, p, nhwc, nt)
+                gx = np.empty_like(x)
+                mod.col2im(cols * 0.5, gx, k, st, p, nhwc, nt)
+                pshape = (N, Ho, Wo, C) if nhwc else (N, C, Ho, Wo)
+                out, index = np.empty(pshape, dtype), np.empty(pshape, np.int32)
+                mod.max_pool_argmax(x, out, index, k, st, p, nhwc, nt)
+                gp = np.zeros_like(x)
+                mod.max_pool_backward(np.ones(pshape, dtype), index, gp, k, st, p, nhwc, nt)
+                r += [cols, gx, out, index, gp]
+            y, gr = np.empty_like(x), np.empty_like(x)
+            mod.relu(x, y, nt)
+            mod.relu_backward(g, y, gr, nt)
+            r += [y, gr]
+        results.append(r)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))

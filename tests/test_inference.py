@@ -284,10 +284,11 @@ def test_batched_matmul_matches_numpy():
     """``infer.batched_matmul`` (BLAS from SciPy's capsules, a call per sample on the
     kernels' threads) gives np.matmul's products for every transpose and shared-operand
     combination, the same values on any thread count, and refuses what it cannot do."""
-    infer = pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("fastnorm._ext.infer")
     pytest.importorskip("scipy")
     from fastnorm import ops
     assert ops._gemm_ready()
+    infer = ops._infer  # the build in use (AVX2 twin or portable), BLAS set on it
     rng = np.random.default_rng(4)
     for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         for N, M, K, Nc in [(3, 4, 5, 6), (2, 1, 7, 1), (4, 6, 1, 3), (5, 9, 16, 7)]:
