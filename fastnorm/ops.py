@@ -30,6 +30,7 @@ The normalizations wrap the fused kernels of ``fastnorm.norms``: forward keeps t
 """
 import math
 import numbers
+import os
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
@@ -909,13 +910,14 @@ def _helper_threads(size):
 
 
 _gemm = None  # batched products on the kernels' threads: None until first tried
+_gemm_threads = None  # threadpoolctl's control of the BLAS those products call, if found
 
 
 def _gemm_ready():
     """True when ``_infer.batched_matmul`` can run: the Cython helpers are built and
     SciPy, imported here on first use, gives BLAS's sgemm/dgemm (scipy.linalg.cython_blas,
     as Numba takes them)."""
-    global _gemm
+    global _gemm, _gemm_threads
     if _gemm is None:
         _gemm = False
         if _infer is not None:
@@ -926,7 +928,25 @@ def _gemm_ready():
                 _gemm = True
             except (ImportError, KeyError, AttributeError):
                 pass
+            else:
+                _gemm_threads = _scipy_blas_controller()
     return _gemm and _infer is not None
+
+
+def _scipy_blas_controller():
+    """threadpoolctl's controller of the BLAS library shipped inside SciPy (the one
+    scipy.linalg.cython_blas calls), or None (no threadpoolctl, or a BLAS shared with
+    NumPy, whose thread count is then left alone)."""
+    try:
+        import scipy
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    root = os.path.dirname(os.path.abspath(scipy.__file__))  # its libraries: root + ".libs"
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and os.path.abspath(lib.filepath).startswith(root):
+            return lib
+    return None
 
 
 WGRAD_GROUPS = 4  # partial sums of a convolution's weight gradient (see _bmm)
@@ -951,8 +971,19 @@ def _bmm(a, b, ta=False, tb=False, summed=False):
         n = a.shape[0] if a.ndim == 3 else b.shape[0]
         groups = min(n, WGRAD_GROUPS) if summed else n
         out = np.empty((groups, A.shape[-2], B.shape[-1]), a.dtype)
-        _infer.batched_matmul(a, b, out, ta, tb,
-                              _helper_threads(out.size * (n // max(groups, 1))), n)
+        nt = _helper_threads(out.size * (n // max(groups, 1)))
+        # BLAS's own threads inside ours (OpenBLAS threads a product from m*n*k = 256K,
+        # the size of one sample's product at (32,16,8,8) -> 32 channels) would put two
+        # threads per core: BLAS on one thread per call while the calls run on ours
+        ctl = _gemm_threads if nt > 1 else None
+        before = ctl.get_num_threads() if ctl is not None else None
+        if before is not None and before > 1:
+            ctl.set_num_threads(1)
+        try:
+            _infer.batched_matmul(a, b, out, ta, tb, nt, n)
+        finally:
+            if before is not None and before > 1:
+                ctl.set_num_threads(before)
         return out
     return np.matmul(A, B)
 

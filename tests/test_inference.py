@@ -344,6 +344,44 @@ def test_batched_matmul_matches_numpy():
                              z, False, False, 1)
 
 
+def test_batched_products_keep_blas_on_one_thread_inside_ours(monkeypatch):
+    """When the products run on the kernels' threads, SciPy's BLAS is set to one thread
+    for the call (two threads per core otherwise) and set back after it; on one thread
+    of ours BLAS keeps its own setting."""
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    ctl = ops._gemm_threads
+    if ctl is None:
+        pytest.skip("SciPy's BLAS is not one threadpoolctl can tell apart")
+    seen = []
+    real = ops._infer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def batched_matmul(self, *args):
+            seen.append(ctl.get_num_threads())
+            return real.batched_matmul(*args)
+
+    monkeypatch.setattr(ops, "_infer", Spy())
+    before = ctl.get_num_threads()
+    ctl.set_num_threads(2)
+    try:
+        a = np.ones((40, 64, 64), np.float32)
+        monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
+        ops._bmm(a, a)
+        assert seen == [1] and ctl.get_num_threads() == 2
+        monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1 << 30)  # one thread
+        ops._bmm(a, a)
+        assert seen == [1, 2] and ctl.get_num_threads() == 2
+    finally:
+        ctl.set_num_threads(before)
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_conv2d_products_on_threads_match_numpy(layout, monkeypatch):
     """Conv2d forward and backward with the batched products on the kernels' threads
