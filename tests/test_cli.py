@@ -167,3 +167,29 @@ def test_default_training_reaches_the_accuracy_targets(model, target, tmp_path):
 def test_schedule_option_is_checked():
     r = run("train", "--schedule", "linear")
     assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def test_fit_freezes_older_objects_for_the_collector_only_while_it_trains():
+    """fit skips the objects that existed before it in Python's garbage collection
+    (gc.freeze) and gives them back at the end, also when training fails."""
+    import gc
+
+    from fastnorm import train
+    (x, y), test = data.load_digits()
+    x, y = x[:64], y[:64]
+    counts = []
+
+    def log(line):
+        counts.append(gc.get_freeze_count())
+
+    model = train.build_model("mlp", "batch", "NCHW")
+    train.fit(model, (x, y), test, epochs=1, progress=False, log=log)
+    assert counts and counts[0] > 0
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(train.ConfigError):
+        train.fit(model, (x, y), test, epochs=1, progress=False, log=log, optimizer="nope")
+    bad = y.copy()
+    bad[5] = 99  # not a class: cross_entropy raises inside the training loop
+    with pytest.raises(ValueError, match="class index 99"):
+        train.fit(model, (x, bad), test, epochs=1, progress=False, log=log)
+    assert gc.get_freeze_count() == 0
