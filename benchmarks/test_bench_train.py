@@ -89,12 +89,14 @@ def test_train_epoch(benchmark, threads, digits, impl, model_name, layout):
         if torch is None:
             pytest.skip("torch not installed")
         epoch = _torch_epoch(model_name, layout, x, y)
-        epoch()  # warm-up: first-call costs (allocation, any JIT) are not timed
-        benchmark.pedantic(epoch, rounds=5, iterations=1)
+        with train._objects_frozen():  # the same collector as fastnorm's below
+            epoch()  # warm-up: first-call costs (allocation, any JIT) are not timed
+            benchmark.pedantic(epoch, rounds=5, iterations=1)
         return
     epoch = _fastnorm_epoch(model_name, layout, x, y)
-    # BLAS on one thread for the whole run, entered once as fit enters it (threadpoolctl
-    # takes ~0.8 ms per entry: 2% of an epoch if entered per epoch)
-    with train._blas_single_thread():
+    # BLAS on one thread and the older objects frozen for the collector, entered once
+    # for the whole run as fit enters them (threadpoolctl takes ~0.8 ms per entry: 2% of
+    # an epoch if entered per epoch; a full collection ~45 ms every 5-10 epochs)
+    with train._blas_single_thread(), train._objects_frozen():
         epoch()
         benchmark.pedantic(epoch, rounds=5, iterations=1)
