@@ -2,11 +2,11 @@
 
 Mirrors ``fastnorm/_ext/kernels.pyx`` name for name and argument for argument; the
 driver in compiled.py calls either module.  Arrays are flat C-contiguous views.  All sums
-and all arithmetic are float64 whatever the input dtype; sums are *shifted* (by one value
-of the group, close to its mean) so that E[d^2] - E[d]^2 does not cancel even when the
-mean is 1e4 times the standard deviation.  ``nthreads`` is applied by ``prepare`` (Numba
-threads are set per calling thread), the kernels accept it to keep the signatures of the
-Cython module.
+are float64 whatever the input dtype (float32 input is transformed in float32, see
+_split); sums are *shifted* (by one value of the group, close to its mean) so that
+E[d^2] - E[d]^2 does not cancel even when the mean is 1e4 times the standard deviation.
+``nthreads`` is applied by ``prepare`` (Numba threads are set per calling thread), the
+kernels accept it to keep the signatures of the Cython module.
 
 fastmath is limited to reassociation and contraction: full fastmath assumes no NaN/Inf,
 and NaN must propagate as in PyTorch.
@@ -55,14 +55,23 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 _FM = {"reassoc", "contract"}
+# The float32 transforms: contraction only.  Reassociation could fold (x - hi) - lo into
+# x - (hi + lo) and undo the split mean (see _split); these loops have no reductions.
+_FM_F32 = {"contract"}
 
 
-def _jit(parallel):
+def _jit(parallel, fastmath=_FM, inline="never"):
+    """``inline="always"``: inlined into the caller in Numba's IR, where it takes the
+    caller's fastmath flags.  A call per run passing arrays costs ~25 ns (measured:
+    (8192,768) LayerNorm apply 1.25 -> 1.9 ms at 2 threads with the float32 loops below
+    called per row, against the loops written in place)."""
     def deco(fn):
         try:
-            return njit(parallel=parallel, cache=True, nogil=True, fastmath=_FM)(fn)
+            return njit(parallel=parallel, cache=True, nogil=True, fastmath=fastmath,
+                        inline=inline)(fn)
         except RuntimeError:  # no writable cache location at all: run uncached
-            return njit(parallel=parallel, cache=False, nogil=True, fastmath=_FM)(fn)
+            return njit(parallel=parallel, cache=False, nogil=True, fastmath=fastmath,
+                        inline=inline)(fn)
     return deco
 
 
@@ -106,11 +115,79 @@ def _affine_run(xs, ys, a, b):
         ys[j] = np.float64(xs[j]) * a + b
 
 
-@_jit(False)
+# Float32 input is transformed in float32 arithmetic, as the Cython module does (see
+# fastnorm/_ext/_simd.h): y = (x - mean) * a + b in double costs conversions both ways
+# and half the vector width.  Done naively (x * a + b with b = bias - mean * a) it would
+# cancel when the mean is large against the spread, so the mean is split into float32
+# parts hi + lo: x - hi is exact for values near the mean (Sterbenz), and the centered
+# value carries ~1 ulp of its own size.  As in the Cython module, whole steps of 8 values
+# of a run go in float32 and the last < 8 in double (a group of one value then gives
+# dx = 0 exactly, as the reference).  Sums stay in float64.  The helpers are inlined into
+# _item_apply / _item_apply_backward, which are compiled with _FM_F32 for that reason.
+
+@_jit(False, _FM_F32, "always")
+def _split(v):
+    """The float64 v as float32 hi + lo (hi + lo = v to ~2^-48 relative)."""
+    hi = np.float32(v)
+    return hi, np.float32(v - np.float64(hi))
+
+
+@_jit(False, _FM_F32, "always")
+def _affine_run32(xs, ys, mean, a, bias):
+    """ys = (xs - mean) * a + bias (float32 arrays, float64 coefficients)."""
+    n8 = xs.size - xs.size % 8
+    mh, ml = _split(mean)
+    a32 = np.float32(a)
+    b32 = np.float32(bias)
+    for j in range(n8):
+        ys[j] = ((xs[j] - mh) - ml) * a32 + b32
+    b = bias - mean * a
+    for j in range(n8, xs.size):
+        ys[j] = np.float64(xs[j]) * a + b
+
+
+@_jit(False, _FM_F32, "always")
+def _affine_values32(xs, ys, weight, bias, o, mean, r):
+    """One parameter per value (LayerNorm): ys = (xs - mean) * r * ws + bs with
+    ws = weight[o:o + n], bs likewise (float32 arrays; weight/bias empty when absent).
+    Here the centered, scaled value is formed in double and rounded once, the parameters
+    applied in float32: with the split mean the loop ran 20-40% slower than the float64
+    one on (8192,768) from memory at 2 threads (0.9 -> 1.1-1.4 ms; 2x faster in cache),
+    this way 0.96 -> 0.88 ms.  Each branch slices its own parameters (a slice made
+    before the branches is a reference count Numba keeps: atomics on a shared counter)."""
+    n = xs.size
+    n8 = n - n % 8
+    if weight.size > 0 and bias.size > 0:
+        ws = weight[o:o + n]
+        bs = bias[o:o + n]
+        for j in range(n8):
+            ys[j] = np.float32((np.float64(xs[j]) - mean) * r) * ws[j] + bs[j]
+        for j in range(n8, n):
+            ys[j] = (np.float64(xs[j]) - mean) * r * np.float64(ws[j]) + np.float64(bs[j])
+    elif weight.size > 0:
+        ws = weight[o:o + n]
+        for j in range(n8):
+            ys[j] = np.float32((np.float64(xs[j]) - mean) * r) * ws[j]
+        for j in range(n8, n):
+            ys[j] = (np.float64(xs[j]) - mean) * r * np.float64(ws[j])
+    elif bias.size > 0:
+        bs = bias[o:o + n]
+        for j in range(n8):
+            ys[j] = np.float32((np.float64(xs[j]) - mean) * r) + bs[j]
+        for j in range(n8, n):
+            ys[j] = (np.float64(xs[j]) - mean) * r + np.float64(bs[j])
+    else:
+        for j in range(n):
+            ys[j] = (np.float64(xs[j]) - mean) * r
+
+
+@_jit(False, _FM_F32)
 def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias, wofs):
-    """y = (x - mean) * invstd * weight[c] + bias[c] over the item, as x*a + b."""
+    """y = (x - mean) * invstd * weight[c] + bias[c] over the item, as x*a + b (float64
+    input) or with the split mean (float32)."""
     has_w = weight.size > 0
     has_b = bias.size > 0
+    f32 = x.itemsize == 4
     m0 = f0 // L
     m1 = (f1 - 1) // L
     for m in range(m0, m1 + 1):
@@ -120,7 +197,9 @@ def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias
         if Ks == 1:  # one parameter per value (LayerNorm-like): vectorize over kc
             xs = x[off + ja:off + jb]
             ys = y[off + ja:off + jb]
-            if has_w and has_b:
+            if f32:
+                _affine_values32(xs, ys, weight, bias, wofs + ja, mean, invstd)
+            elif has_w and has_b:
                 ws = weight[wofs + ja:wofs + jb]
                 bs = bias[wofs + ja:wofs + jb]
                 for j in range(xs.size):
@@ -140,12 +219,15 @@ def _item_apply(x, y, base, rowstride, L, Ks, f0, f1, mean, invstd, weight, bias
                 a = invstd
                 if has_w:
                     a = invstd * weight[wofs + kc]
-                b = -mean * a
+                bc = 0.0
                 if has_b:
-                    b += bias[wofs + kc]
+                    bc = np.float64(bias[wofs + kc])
                 lo = max(ja, kc * Ks)
                 hi = min(jb, kc * Ks + Ks)
-                _affine_run(x[off + lo:off + hi], y[off + lo:off + hi], a, b)
+                if f32:
+                    _affine_run32(x[off + lo:off + hi], y[off + lo:off + hi], mean, a, bc)
+                else:
+                    _affine_run(x[off + lo:off + hi], y[off + lo:off + hi], a, bc - mean * a)
 
 
 @_jit(False)
@@ -212,18 +294,48 @@ def _dx_run(dys, xs, dxs, k1, k2, k3):
         dxs[j] = np.float64(dys[j]) * k1 + np.float64(xs[j]) * k2 + k3
 
 
-@_jit(False)
-def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, k3,
+@_jit(False, _FM_F32, "always")
+def _dx_run32(dys, xs, dxs, ws, mean, k1, k2, k3):
+    """dxs = dys * ws * k1 + xs * k2 + k3 (ws empty: none), float32 arrays: in float32 as
+    (xs - mean) * k2 + (k3 + k2 * mean), since x * k2 and k3 cancel when the mean is
+    large (see _affine_run32)."""
+    n8 = xs.size - xs.size % 8
+    mh, ml = _split(mean)
+    v1 = np.float32(k1)
+    v2 = np.float32(k2)
+    v3 = np.float32(k3 + k2 * mean)
+    if ws.size > 0:
+        for j in range(n8):
+            dxs[j] = dys[j] * ws[j] * v1 + (((xs[j] - mh) - ml) * v2 + v3)
+    else:
+        for j in range(n8):
+            dxs[j] = dys[j] * v1 + (((xs[j] - mh) - ml) * v2 + v3)
+    for j in range(n8, xs.size):
+        g = np.float64(dys[j]) * k1
+        if ws.size > 0:
+            g *= np.float64(ws[j])
+        dxs[j] = g + np.float64(xs[j]) * k2 + k3
+
+
+@_jit(False, _FM_F32)
+def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, k3, mean,
                          weight, wofs):
-    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item."""
+    """dx = dy * invstd * weight[c] + x * k2 + k3 over the item; float32 input as
+    (x - mean) * k2 + (k3 + k2 * mean) with the split mean (x * k2 and k3 cancel when
+    the mean is large; ``mean`` is the group's)."""
     has_w = weight.size > 0
+    f32 = x.itemsize == 4
     m0 = f0 // L
     m1 = (f1 - 1) // L
     for m in range(m0, m1 + 1):
         ja = f0 - m * L if m == m0 else 0
         jb = f1 - m * L if m == m1 else L
         off = base + m * rowstride
-        if Ks == 1 and has_w:
+        if Ks == 1 and f32:
+            _dx_run32(dy[off + ja:off + jb], x[off + ja:off + jb], dx[off + ja:off + jb],
+                      weight[wofs + ja:wofs + jb] if has_w else weight, mean, invstd, k2,
+                      k3)
+        elif Ks == 1 and has_w:
             dys = dy[off + ja:off + jb]
             xs = x[off + ja:off + jb]
             dxs = dx[off + ja:off + jb]
@@ -241,8 +353,12 @@ def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, 
                     k1 = invstd * weight[wofs + kc]
                 lo = max(ja, kc * Ks)
                 hi = min(jb, kc * Ks + Ks)
-                _dx_run(dy[off + lo:off + hi], x[off + lo:off + hi], dx[off + lo:off + hi],
-                        k1, k2, k3)
+                if f32:
+                    _dx_run32(dy[off + lo:off + hi], x[off + lo:off + hi],
+                              dx[off + lo:off + hi], weight[:0], mean, k1, k2, k3)
+                else:
+                    _dx_run(dy[off + lo:off + hi], x[off + lo:off + hi],
+                            dx[off + lo:off + hi], k1, k2, k3)
 
 
 @_jit(True)
@@ -341,7 +457,7 @@ def seg_backward(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx, sdy, 
                 A = 0.0
             k2 = -r * r * r * B / n
             k3 = r * (mu * r * r * B / n - A / n)
-            _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3,
+            _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3, mu,
                                  weight, g * Kc)
 
 
@@ -373,8 +489,8 @@ def seg_grad_sums(dy, x, P, M, G, Kc, Ks, nparts, mean, weight, A, B, sdy, sdyxc
 @_jit(True)
 def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, weight, dx,
                        nthreads):
-    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts.  ``mean``
-    (the groups' means) serves the Cython module's float32 evaluation; unused here."""
+    """dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per group), in parts (``mean``,
+    the groups' means, for the float32 evaluation)."""
     L = Kc * Ks
     rowstride = G * L
     n = M * L
@@ -387,7 +503,7 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
         f0 = n * part // nparts
         f1 = n * (part + 1) // nparts
         _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd[u],
-                             k2[u], k3[u], weight, g * Kc)
+                             k2[u], k3[u], mean[u], weight, g * Kc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -396,6 +512,39 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
 # NCHW inputs, read in memory order.  An item is (p, a block of rows); it sums into its
 # own row of per-item accumulators, merged afterwards in a fixed order.
 # ----------------------------------------------------------------------------------------
+
+@_jit(False)
+def _col_sums_rows(x, rows, W, sh, a1, a2):
+    """a1[w] += sum_m (x[m, w] - sh[w]), a2[w] likewise squared, over ``rows`` rows of W
+    values (x flat).  Four rows per pass over the accumulators (up to W = 256, as the
+    Cython module's register strips): one row at a time, a load and a store of two
+    accumulators per value bound the loop, and for narrow rows the loop's setup per row
+    (one thread: (256,28,28,32) 2.4 -> 0.9 ms, (16,28,28,256) 0.87 -> 0.61 ms).  The loop
+    is not vectorized (too many arrays for LLVM's runtime alias checks) and still faster.
+    Each column's order is fixed by the number of rows alone."""
+    m = 0
+    while m + 4 <= rows and W <= 256:
+        x0 = x[m * W:(m + 1) * W]
+        x1 = x[(m + 1) * W:(m + 2) * W]
+        x2 = x[(m + 2) * W:(m + 3) * W]
+        x3 = x[(m + 3) * W:(m + 4) * W]
+        for w in range(W):
+            h = sh[w]
+            d0 = np.float64(x0[w]) - h
+            d1 = np.float64(x1[w]) - h
+            d2 = np.float64(x2[w]) - h
+            d3 = np.float64(x3[w]) - h
+            a1[w] += (d0 + d1) + (d2 + d3)
+            a2[w] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        m += 4
+    while m < rows:
+        xr = x[m * W:(m + 1) * W]
+        for w in range(W):
+            d = np.float64(xr[w]) - sh[w]
+            a1[w] += d
+            a2[w] += d * d
+        m += 1
+
 
 @_jit(True)
 def col_sums(x, P, M, W, Ks, nch, shift, s1, s2, nthreads):
@@ -411,15 +560,11 @@ def col_sums(x, P, M, W, Ks, nch, shift, s1, s2, nthreads):
         sh = shift[p * W:(p + 1) * W]
         a1[:] = 0.0
         a2[:] = 0.0
+        if Ks == 1:
+            _col_sums_rows(x[(p * M + m0) * W:(p * M + m1) * W], m1 - m0, W, sh, a1, a2)
+            continue
         for m in range(m0, m1):
             lo = (p * M + m) * W * Ks
-            if Ks == 1:
-                xr = x[lo:lo + W]
-                for w in range(W):
-                    d = np.float64(xr[w]) - sh[w]
-                    a1[w] += d
-                    a2[w] += d * d
-                continue
             for w in range(W):
                 xr = x[lo + w * Ks:lo + (w + 1) * Ks]  # (slices: vectorized loops)
                 sw = sh[w]
@@ -460,6 +605,42 @@ def col_apply(x, P, M, W, Ks, nch, alpha, beta, y, nthreads):
                     yr[k] = np.float64(xr[k]) * a + b
 
 
+@_jit(False)
+def _col_grad_sums_rows(dy, x, rows, W, mu, a1, a2):
+    """a1[w] += sum_m dy[m, w], a2[w] += sum_m dy * (x[m, w] - mu[w]) over ``rows`` rows,
+    four rows per pass over the accumulators (see _col_sums_rows) when they are narrow:
+    eight streams of wide rows read slower from memory than two ((16,28,28,256) 1.2 ->
+    1.9 ms; (256,28,28,32) 2.5 -> 1.7 ms)."""
+    m = 0
+    while m + 4 <= rows and W <= 64:
+        g0 = dy[m * W:(m + 1) * W]
+        g1 = dy[(m + 1) * W:(m + 2) * W]
+        g2 = dy[(m + 2) * W:(m + 3) * W]
+        g3 = dy[(m + 3) * W:(m + 4) * W]
+        x0 = x[m * W:(m + 1) * W]
+        x1 = x[(m + 1) * W:(m + 2) * W]
+        x2 = x[(m + 2) * W:(m + 3) * W]
+        x3 = x[(m + 3) * W:(m + 4) * W]
+        for w in range(W):
+            h = mu[w]
+            e0 = np.float64(g0[w])
+            e1 = np.float64(g1[w])
+            e2 = np.float64(g2[w])
+            e3 = np.float64(g3[w])
+            a1[w] += (e0 + e1) + (e2 + e3)
+            a2[w] += ((e0 * (np.float64(x0[w]) - h) + e1 * (np.float64(x1[w]) - h))
+                      + (e2 * (np.float64(x2[w]) - h) + e3 * (np.float64(x3[w]) - h)))
+        m += 4
+    while m < rows:
+        gr = dy[m * W:(m + 1) * W]
+        xr = x[m * W:(m + 1) * W]
+        for w in range(W):
+            d = np.float64(gr[w])
+            a1[w] += d
+            a2[w] += d * (np.float64(xr[w]) - mu[w])
+        m += 1
+
+
 @_jit(True)
 def col_grad_sums(dy, x, P, M, W, Ks, nch, mean, sdy, sdyxc, nthreads):
     """sdy[item, w] = sum(dy), sdyxc[item, w] = sum(dy * (x - mean[p, w]))."""
@@ -473,16 +654,15 @@ def col_grad_sums(dy, x, P, M, W, Ks, nch, mean, sdy, sdyxc, nthreads):
         mu = mean[p * W:(p + 1) * W]
         a1[:] = 0.0
         a2[:] = 0.0
+        if Ks == 1:
+            lo = (p * M + m0) * W
+            hi = (p * M + m1) * W
+            _col_grad_sums_rows(dy[lo:hi], x[lo:hi], m1 - m0, W, mu, a1, a2)
+            continue
         for m in range(m0, m1):
             lo = (p * M + m) * W * Ks
             dyr = dy[lo:lo + W * Ks]
             xr = x[lo:lo + W * Ks]
-            if Ks == 1:
-                for w in range(W):
-                    d = np.float64(dyr[w])
-                    a1[w] += d
-                    a2[w] += d * (np.float64(xr[w]) - mu[w])
-                continue
             for w in range(W):
                 dys = dyr[w * Ks:(w + 1) * Ks]
                 xs = xr[w * Ks:(w + 1) * Ks]
@@ -556,7 +736,8 @@ def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, 
                     A = 0.0
                 k2 = -s * s * s * Bs / K
                 k3 = s * (mu * s * s * Bs / K - A / K)
-                _item_apply_backward(dy, x, dx, r * K, K, K, 1, 0, K, s, k2, k3, weight, 0)
+                _item_apply_backward(dy, x, dx, r * K, K, K, 1, 0, K, s, k2, k3, mu, weight,
+                                     0)
             for r in range(a, b):  # the block's parameter gradients, rows in order
                 mu = mean[r]
                 s = invstd[r]
