@@ -1222,7 +1222,7 @@ class MaxPool2d(Function):
         index, = ctx.saved
         xshape, (kH, kW), stride, padding, layout, out_hw = ctx.geometry
         if index.flags.c_contiguous and getattr(ctx, "dtype", None) is not None:
-            gx = np.zeros(xshape, ctx.dtype)  # index from max_pool_argmax
+            gx = np.empty(xshape, ctx.dtype)  # index from max_pool_argmax; zeroed there
             _infer.max_pool_backward(np.ascontiguousarray(grad, ctx.dtype), index, gx,
                                      (kH, kW), stride, padding, layout == "NHWC",
                                      _helper_threads(gx.size))

@@ -478,10 +478,12 @@ cdef void _max_pool_backward(const real* grad, const int* index, real* gx, Py_ss
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t sh, Py_ssize_t sw,
                              Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t Ho, Py_ssize_t Wo,
                              const Py_ssize_t* tab, bint nhwc) noexcept nogil:
-    """One sample: gx (C-contiguous, zeroed) += grad at each window's maximum, at the
-    window's start plus tab[index] (the element offset of window offset index: a table,
-    not a division per value)."""
+    """One sample: gx (C-contiguous, zeroed here) = grad added at each window's
+    maximum, at the window's start plus tab[index] (the element offset of window offset
+    index: a table, not a division per value)."""
     cdef Py_ssize_t c, oh, ow, o, base
+    for o in range(C * H * W):  # zeroed by the thread that adds into it, while in cache
+        gx[o] = 0
     if nhwc:
         for oh in range(Ho):
             for ow in range(Wo):
@@ -555,9 +557,10 @@ def max_pool_argmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray index, kernel, s
 
 def max_pool_backward(cnp.ndarray grad, cnp.ndarray index, cnp.ndarray gx, kernel, stride,
                       padding, bint nhwc, int nthreads=1):
-    """gx (zeroed, C-contiguous, the input's shape and layout) += grad routed to each
-    window's maximum as recorded by ``max_pool_argmax``; grad C-contiguous like index.
-    The samples on up to ``nthreads`` threads (each writes its own part of gx)."""
+    """gx (C-contiguous, the input's shape and layout; overwritten) = grad routed to
+    each window's maximum as recorded by ``max_pool_argmax``, zero elsewhere; grad
+    C-contiguous like index.  The samples on up to ``nthreads`` threads (each writes its
+    own part of gx)."""
     cdef int kind = _kind(gx)
     cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
     N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(gx, kernel, stride, padding, nhwc, True)
