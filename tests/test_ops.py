@@ -103,7 +103,11 @@ GRADCHECK = {
                                count_include_pad=False), lambda: [leaf(2, 5, 4, 3)]),
     "flatten": (lambda x: F.flatten(x, 1), lambda: [leaf(2, 3, 4)]),
     "flatten_nhwc": (lambda x: F.flatten(x, 1, layout="NHWC") * np.arange(24.0),
-                     lambda: [leaf(2, 3, 4, 2)]),
+                     lambda: [leaf(2, 3, 4, 2)]),  # one op: flatten_channels_first
+    "flatten_nhwc_5d": (lambda x: F.flatten(x, 1, layout="NHWC") * np.arange(30.0),
+                        lambda: [leaf(2, 3, 1, 5, 2)]),
+    "flatten_nhwc_partial": (lambda x: F.flatten(x, 1, 2, layout="NHWC") * np.arange(2.0),
+                             lambda: [leaf(2, 3, 2, 2)]),  # a transpose and a reshape
     "dropout": (lambda x: (fn.manual_seed(3), F.dropout(x, 0.4))[1], lambda: [leaf(50)]),
     "cross_entropy": (lambda x: F.cross_entropy(x, np.array([0, 2, 1, 2])), lambda: [leaf(4, 3)]),
     "cross_entropy_sum_smooth": (
