@@ -831,3 +831,39 @@ def test_outputs_are_placed_apart_from_inputs():
             np.testing.assert_array_equal(y, F.batch_norm_train(x, out=np.empty_like(x))[0])
             np.testing.assert_array_equal(
                 dx, F.batch_norm_backward(dy, x, mean, invstd, out=np.empty_like(x))[0])
+
+
+@pytest.mark.parametrize("K", [1024, 1027], ids=["aligned-rows", "unaligned-rows"])
+def test_numba_streaming_dx_matches_reference(K, restore_threads):
+    """The Numba module writes a float32 dx of STREAM_MIN_BYTES and more with streaming
+    stores (an LLVM intrinsic) where a run starts 16-byte aligned, plainly elsewhere:
+    LayerNorm and RMSNorm backward of such a size give the reference's values, on one
+    thread and two, with the same bits on both."""
+    if "numba" not in COMPILED:
+        pytest.skip("numba is not installed")
+    from fastnorm._config import STREAM_MIN_BYTES
+    R = STREAM_MIN_BYTES // (4 * K) + 3
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((R, K)) * 3 + 50).astype(np.float32)
+    dy = rng.standard_normal((R, K)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    got = []
+    for nt in (1, 2):
+        fn.set_num_threads(nt)
+        with fn.use_backend("numba"):
+            _, mean, invstd = F.layer_norm_train(x, (K,), w, b)
+            ln = F.layer_norm_backward(dy, x, mean, invstd, (K,), w)
+            _, invrms = F.rms_norm_train(x, (K,), w)
+            rms = F.rms_norm_backward(dy, x, invrms, (K,), w)
+        got.append((ln[0], rms[0]))
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    with fn.use_backend("numpy"):
+        _, mean, invstd = F.layer_norm_train(x, (K,), w, b)
+        ln_ref = F.layer_norm_backward(dy, x, mean, invstd, (K,), w)[0]
+        _, invrms = F.rms_norm_train(x, (K,), w)
+        rms_ref = F.rms_norm_backward(dy, x, invrms, (K,), w)[0]
+    for ours, ref in ((got[0][0], ln_ref), (got[0][1], rms_ref)):
+        scale = float(np.max(np.abs(ref)))
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * scale)

@@ -12,6 +12,7 @@ fastmath is limited to reassociation and contraction: full fastmath assumes no N
 and NaN must propagate as in PyTorch.
 """
 import os
+import platform
 import sys
 import tempfile
 
@@ -52,7 +53,12 @@ _configure_cache_dir()
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+from fastnorm import _config  # noqa: E402
 
 _FM = {"reassoc", "contract"}
 # The float32 transforms: contraction only.  Reassociation could fold (x - hi) - lo into
@@ -80,6 +86,107 @@ def prepare(nthreads):
     n = min(nthreads, numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming (non-temporal) stores, as the Cython module's fn_st8/_streams: an output of at
+# least STREAM_MIN_BYTES (float32) is written around the caches, so that writing it does
+# not first read each line from memory nor evict the inputs still to be read.  Numba has
+# no such store, so the float32 dx loop's step of 8 values is an intrinsic (_dx8): the
+# same float32 operations (the same contractions: equal bits, tested) on <8 x float>,
+# stored as two 16-byte stores with !nontemporal metadata (vmovntps); each task that
+# streamed ends with _sfence.  Only for 16-byte-aligned runs (plain stores otherwise).
+# A first version computing into a buffer in L1 and copying it out with streaming stores
+# was slower than plain stores (its slices and allocations: (4096,1024) LayerNorm
+# backward 1.09 -> 1.63 ms); this one, alone, (8192,768) dx 1.51 -> 1.11 ms, 2 threads.
+# ----------------------------------------------------------------------------------------
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+# Frozen into the compiled (and cached) kernels: it depends on the machine's cache only.
+_STREAM_MIN = _config.STREAM_MIN_BYTES
+
+
+def _splat8(builder, v):
+    r = ir.Constant(ir.VectorType(v.type, 8), ir.Undefined)
+    for i in range(8):
+        r = builder.insert_element(r, v, ir.Constant(ir.IntType(32), i))
+    return r
+
+
+def _dx8_intrinsic(with_w):
+    def impl(typingctx, dys, xs, ws, dxs, j, mh, ml, v1, v2, v3):
+        """dxs[j:j + 8] = dys * ws * v1 + (((xs - mh) - ml) * v2 + v3) (ws unused when
+        with_w is false) in float32, stored with non-temporal stores: dxs + j 16-byte
+        aligned.  Only float32 arrays reach it (see _streams); other types compile to
+        nothing."""
+        f32 = types.float32
+        if not all(isinstance(a, types.Array) and a.dtype == f32 for a in (dys, xs, ws, dxs)):
+            return types.void(dys, xs, ws, dxs, j, mh, ml, v1, v2, v3), \
+                lambda context, builder, sig, args: context.get_dummy_value()
+
+        def codegen(context, builder, sig, args):
+            arr = [context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4)]
+            v8 = ir.VectorType(ir.FloatType(), 8)
+            v4 = ir.VectorType(ir.FloatType(), 4)
+            c = ("contract",)
+
+            def load(a):
+                p = builder.gep(a.data, [args[4]])
+                return builder.load(builder.bitcast(p, v8.as_pointer()), align=4)
+
+            g = load(arr[0])
+            if with_w:
+                g = builder.fmul(g, load(arr[2]), flags=c)
+            hi, lo, k1, k2, k3 = (_splat8(builder, a) for a in args[5:10])
+            xc = builder.fsub(builder.fsub(load(arr[1]), hi), lo)
+            r = builder.fadd(builder.fmul(g, k1, flags=c),
+                             builder.fadd(builder.fmul(xc, k2, flags=c), k3, flags=c),
+                             flags=c)
+            md = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+            dp = builder.gep(arr[3].data, [args[4]])
+            for h in (0, 4):
+                half = builder.shuffle_vector(
+                    r, r, ir.Constant(ir.VectorType(ir.IntType(32), 4), [h, h + 1, h + 2, h + 3]))
+                q = builder.gep(dp, [ir.Constant(ir.IntType(64), h)])
+                st = builder.store(half, builder.bitcast(q, v4.as_pointer()), align=16)
+                if _X86:
+                    st.set_metadata("nontemporal", md)
+            return context.get_dummy_value()
+        return types.void(dys, xs, ws, dxs, j, mh, ml, v1, v2, v3), codegen
+    impl.__name__ = "_dx8w" if with_w else "_dx8"
+    return intrinsic(impl)
+
+
+_dx8w = _dx8_intrinsic(True)
+_dx8 = _dx8_intrinsic(False)
+
+
+@intrinsic
+def _sfence(typingctx):
+    """Orders this thread's streaming stores before what follows (the threads' join)."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            # (LLVM's intrinsic: Numba's JIT has no inline assembler)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def _addr(typingctx, a):
+    """The address of the array's first value."""
+    def codegen(context, builder, sig, args):
+        ar = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ar.data, ir.IntType(64))
+    return types.int64(a), codegen
+
+
+@_jit(False, _FM, "always")
+def _streams(a):
+    """Whether a kernel writing the float32 array a streams its stores."""
+    return a.itemsize == 4 and a.size * 4 >= _STREAM_MIN and _X86
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,16 +402,24 @@ def _dx_run(dys, xs, dxs, k1, k2, k3):
 
 
 @_jit(False, _FM_F32, "always")
-def _dx_run32(dys, xs, dxs, ws, mean, k1, k2, k3):
+def _dx_run32(dys, xs, dxs, ws, mean, k1, k2, k3, st):
     """dxs = dys * ws * k1 + xs * k2 + k3 (ws empty: none), float32 arrays: in float32 as
     (xs - mean) * k2 + (k3 + k2 * mean), since x * k2 and k3 cancel when the mean is
-    large (see _affine_run32)."""
+    large (see _affine_run32).  With ``st`` (see _streams) and an aligned run, the float32
+    part with streaming stores."""
     n8 = xs.size - xs.size % 8
     mh, ml = _split(mean)
     v1 = np.float32(k1)
     v2 = np.float32(k2)
     v3 = np.float32(k3 + k2 * mean)
-    if ws.size > 0:
+    if st and _addr(dxs) % 16 == 0:
+        if ws.size > 0:
+            for j in range(0, n8, 8):
+                _dx8w(dys, xs, ws, dxs, j, mh, ml, v1, v2, v3)
+        else:
+            for j in range(0, n8, 8):
+                _dx8(dys, xs, ws, dxs, j, mh, ml, v1, v2, v3)
+    elif ws.size > 0:
         for j in range(n8):
             dxs[j] = dys[j] * ws[j] * v1 + (((xs[j] - mh) - ml) * v2 + v3)
     else:
@@ -319,7 +434,7 @@ def _dx_run32(dys, xs, dxs, ws, mean, k1, k2, k3):
 
 @_jit(False, _FM_F32)
 def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, k3, mean,
-                         weight, wofs):
+                         weight, wofs, st):
     """dx = dy * invstd * weight[c] + x * k2 + k3 over the item; float32 input as
     (x - mean) * k2 + (k3 + k2 * mean) with the split mean (x * k2 and k3 cancel when
     the mean is large; ``mean`` is the group's)."""
@@ -334,7 +449,7 @@ def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, 
         if Ks == 1 and f32:
             _dx_run32(dy[off + ja:off + jb], x[off + ja:off + jb], dx[off + ja:off + jb],
                       weight[wofs + ja:wofs + jb] if has_w else weight, mean, invstd, k2,
-                      k3)
+                      k3, st)
         elif Ks == 1 and has_w:
             dys = dy[off + ja:off + jb]
             xs = x[off + ja:off + jb]
@@ -355,7 +470,7 @@ def _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd, k2, 
                 hi = min(jb, kc * Ks + Ks)
                 if f32:
                     _dx_run32(dy[off + lo:off + hi], x[off + lo:off + hi],
-                              dx[off + lo:off + hi], weight[:0], mean, k1, k2, k3)
+                              dx[off + lo:off + hi], weight[:0], mean, k1, k2, k3, st)
                 else:
                     _dx_run(dy[off + lo:off + hi], x[off + lo:off + hi],
                             dx[off + lo:off + hi], k1, k2, k3)
@@ -440,6 +555,7 @@ def seg_backward(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx, sdy, 
     L = Kc * Ks
     rowstride = G * L
     n = M * L
+    st = _streams(dx)
     for u in prange(P * G):
         p = u // G
         g = u - p * G
@@ -458,7 +574,9 @@ def seg_backward(dy, x, P, M, G, Kc, Ks, mean, invstd, weight, center, dx, sdy, 
             k2 = -r * r * r * B / n
             k3 = r * (mu * r * r * B / n - A / n)
             _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, 0, n, r, k2, k3, mu,
-                                 weight, g * Kc)
+                                 weight, g * Kc, st)
+            if st:
+                _sfence()
 
 
 @_jit(True)
@@ -494,6 +612,7 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
     L = Kc * Ks
     rowstride = G * L
     n = M * L
+    st = _streams(dx)
     for it in prange(P * G * nparts):
         u = it // nparts
         part = it - u * nparts
@@ -503,7 +622,9 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
         f0 = n * part // nparts
         f1 = n * (part + 1) // nparts
         _item_apply_backward(dy, x, dx, base, rowstride, L, Ks, f0, f1, invstd[u],
-                             k2[u], k3[u], mean[u], weight, g * Kc)
+                             k2[u], k3[u], mean[u], weight, g * Kc, st)
+        if st:
+            _sfence()
 
 
 # ----------------------------------------------------------------------------------------
@@ -717,6 +838,7 @@ def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, 
     chunk in blocks of rows: a block's dx, then its parameter gradients while its dy and
     x are in cache (256 KB of each; the Cython module's ``rows_backward``)."""
     B = max(1, min(64, (262144 // x.itemsize) // K))
+    st = _streams(dx)
     for c in prange(nrch):
         r0 = R * c // nrch
         r1 = R * (c + 1) // nrch
@@ -737,7 +859,7 @@ def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, 
                 k2 = -s * s * s * Bs / K
                 k3 = s * (mu * s * s * Bs / K - A / K)
                 _item_apply_backward(dy, x, dx, r * K, K, K, 1, 0, K, s, k2, k3, mu, weight,
-                                     0)
+                                     0, st)
             for r in range(a, b):  # the block's parameter gradients, rows in order
                 mu = mean[r]
                 s = invstd[r]
@@ -748,6 +870,8 @@ def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, 
                     dw[k] += d * (np.float64(xr[k]) - mu) * s
                     db[k] += d
             a = b
+        if st:
+            _sfence()
 
 
 @_jit(True)
