@@ -867,3 +867,47 @@ def test_numba_streaming_dx_matches_reference(K, restore_threads):
     for ours, ref in ((got[0][0], ln_ref), (got[0][1], rms_ref)):
         scale = float(np.max(np.abs(ref)))
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_few_long_rows_backward_in_one_pass_changes_nothing(norm, dtype, restore_threads):
+    """A few long rows (LayerNorm (4, 2**18)): Cython computes dx and the parameter
+    gradients by blocks of columns over all rows in one pass over dy and x
+    (rows_apply_backward_pgrads); the same bits as dx and then the gradients in two
+    passes, on one thread and two, with and without weight."""
+    if "cython" not in COMPILED:
+        pytest.skip("the Cython backend is not built")
+    k = get_kernels("cython").k
+    fused = k.rows_apply_backward_pgrads
+    R, K = 4, 1 << 18
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((R, K)) * 3 + 20).astype(dtype)
+    dy = rng.standard_normal((R, K)).astype(dtype)
+    w = rng.uniform(0.5, 1.5, K).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    runs = {}
+    try:
+        for on in (False, True):
+            if on:
+                k.rows_apply_backward_pgrads = fused
+            else:
+                del k.rows_apply_backward_pgrads
+            for nt in (1, 2):
+                fn.set_num_threads(nt)
+                with fn.use_backend("cython"):
+                    for weight in (w, None):
+                        if norm == "layer_norm":
+                            _, mean, invstd = F.layer_norm_train(x, (K,), weight, b)
+                            g = F.layer_norm_backward(dy, x, mean, invstd, (K,), weight)
+                        else:
+                            _, invrms = F.rms_norm_train(x, (K,), weight)
+                            g = F.rms_norm_backward(dy, x, invrms, (K,), weight)
+                        runs[on, nt, weight is None] = [a for a in g if a is not None]
+    finally:
+        k.rows_apply_backward_pgrads = fused
+    for (on, nt, no_weight), g in runs.items():
+        ref = runs[False, 1, no_weight]
+        assert len(g) == len(ref)
+        for a, c in zip(g, ref):
+            np.testing.assert_array_equal(a, c)

@@ -1070,6 +1070,59 @@ def row_param_grads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
                                dwp + c * K, dbp + c * K)
 
 
+def rows_apply_backward_pgrads(const floating[::1] dy, const floating[::1] x, Py_ssize_t R,
+                               Py_ssize_t K, Py_ssize_t nblk, const double[::1] mean,
+                               const double[::1] invstd, const double[::1] k2,
+                               const double[::1] k3, const floating[::1] weight,
+                               floating[::1] dx, double[::1] dweight, double[::1] dbias,
+                               Py_ssize_t nthreads):
+    """Row norms of a few long rows (LayerNorm/RMSNorm): dx = dy * invstd * weight + x * k2
+    + k3 (k2, k3 per row) and the parameter gradients, by blocks of columns.  Block b owns
+    columns [K*b/nblk, K*(b+1)/nblk) of dweight/dbias; row by row, its part of dx, then
+    that part's parameter-gradient terms while its dy and x are in cache: dy and x are
+    read once here instead of once for dx and once for the gradients."""
+    cdef Py_ssize_t b, r, k, k0, k1, total = R * K
+    _need(dy.shape[0], total, "dy")
+    _need(x.shape[0], total, "x")
+    _need(dx.shape[0], total, "dx")
+    _need(mean.shape[0], R, "mean")
+    _need(invstd.shape[0], R, "invstd")
+    _need(k2.shape[0], R, "k2")
+    _need(k3.shape[0], R, "k3")
+    _need_opt(weight.shape[0], K, "weight")
+    _need(dweight.shape[0], K, "dweight")
+    _need(dbias.shape[0], K, "dbias")
+    if nblk < 1 or nblk > max(K, 1):
+        raise ValueError("expected 1 <= nblk <= K")
+    if total == 0:
+        dweight[:] = 0.0
+        dbias[:] = 0.0
+        return
+    cdef const floating* dyp = &dy[0]
+    cdef const floating* xp = &x[0]
+    cdef floating* dxp = &dx[0]
+    cdef const floating* wp = &weight[0] if weight.shape[0] > 0 else NULL
+    cdef const double* mp = &mean[0]
+    cdef const double* rp = &invstd[0]
+    cdef const double* k2p = &k2[0]
+    cdef const double* k3p = &k3[0]
+    cdef double* dwp = &dweight[0]
+    cdef double* dbp = &dbias[0]
+    cdef bint st = _streams(total, sizeof(floating))
+    for b in prange(nblk, nogil=True, schedule='static', num_threads=nthreads):
+        k0 = K * b // nblk
+        k1 = K * (b + 1) // nblk
+        for k in range(k0, k1):
+            dwp[k] = 0.0
+            dbp[k] = 0.0
+        for r in range(R):
+            _item_apply_backward(dyp, xp, dxp, r * K, K, K, 1, k0, k1, rp[r], k2p[r], k3p[r],
+                                 mp[r], wp, 0, st)
+            _row_pgrads_add(dyp, xp, r, r + 1, K, k0, k1, mp, rp, dwp, dbp)
+        if st:
+            fn_sfence()
+
+
 # ----------------------------------------------------------------------------------------
 # Entry points with ndarray arguments checked here (the one-call passes below): acquiring
 # a typed memoryview costs ~0.17 us per argument, more than applying a BatchNorm to a

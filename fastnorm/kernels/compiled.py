@@ -259,6 +259,22 @@ class CompiledBackend:
                                  self._flat_param(weight, x.dtype), bool(center),
                                  dx.reshape(-1), dweight, dbias, nt)
             return dweight.reshape(nrch, Kc).sum(axis=0), dbias.reshape(nrch, Kc).sum(axis=0)
+        fused_rows = getattr(self.k, "rows_apply_backward_pgrads", None)
+        if row_norm and param_grads and dx is not None and nrch == 1 and nblk > 1 \
+                and fused_rows is not None:
+            # a few long rows: their sums, then dx and the parameter gradients by blocks of
+            # columns over all rows, reading dy and x once for both (Cython)
+            A, B, _, _ = self._grad_sums(dy, x, dims, mean, weight, False)
+            n = Kc
+            A = A if center else np.zeros(P)
+            k2 = -invstd ** 3 * B / n
+            k3 = invstd * (mean * invstd * invstd * B / n - A / n)
+            dweight = np.empty(Kc)
+            dbias = np.empty(Kc)
+            fused_rows(dy.reshape(-1), x.reshape(-1), P, Kc, nblk, mean, invstd, k2, k3,
+                       self._flat_param(weight, x.dtype), dx.reshape(-1), dweight, dbias,
+                       self._threads(x.size))
+            return dweight, dbias
         if not self._is_columns(dims) and self._nparts(dims) == 1:
             nt = self._threads(x.size)  # fused: sums and dx of each group while it is in cache
             sdy = np.empty(P * G * Kc if want else 0)
