@@ -869,16 +869,18 @@ def test_numba_streaming_dx_matches_reference(K, restore_threads):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("backend", ["cython", "numba"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
-def test_few_long_rows_backward_in_one_pass_changes_nothing(norm, dtype, restore_threads):
-    """A few long rows (LayerNorm (4, 2**18)): Cython computes dx and the parameter
+def test_few_long_rows_backward_in_one_pass_changes_nothing(norm, dtype, backend,
+                                                            restore_threads):
+    """A few long rows (LayerNorm (4, 2**18)): the kernels compute dx and the parameter
     gradients by blocks of columns over all rows in one pass over dy and x
     (rows_apply_backward_pgrads); the same bits as dx and then the gradients in two
     passes, on one thread and two, with and without weight."""
-    if "cython" not in COMPILED:
-        pytest.skip("the Cython backend is not built")
-    k = get_kernels("cython").k
+    if backend not in COMPILED:
+        pytest.skip(f"the {backend} backend is not available")
+    k = get_kernels(backend).k
     fused = k.rows_apply_backward_pgrads
     R, K = 4, 1 << 18
     rng = np.random.default_rng(5)
@@ -895,7 +897,7 @@ def test_few_long_rows_backward_in_one_pass_changes_nothing(norm, dtype, restore
                 del k.rows_apply_backward_pgrads
             for nt in (1, 2):
                 fn.set_num_threads(nt)
-                with fn.use_backend("cython"):
+                with fn.use_backend(backend):
                     for weight in (w, None):
                         if norm == "layer_norm":
                             _, mean, invstd = F.layer_norm_train(x, (K,), weight, b)

@@ -900,3 +900,34 @@ def row_param_grads(dy, x, R, K, nrch, nblk, mean, invstd, dweight, dbias, nthre
                 d = np.float64(dyr[k])
                 dw[k] += d * (np.float64(xr[k]) - mu) * s
                 db[k] += d
+
+
+@_jit(True)
+def rows_apply_backward_pgrads(dy, x, R, K, nblk, mean, invstd, k2, k3, weight, dx, dweight,
+                               dbias, nthreads):
+    """Row norms of a few long rows: dx = dy * invstd * weight + x * k2 + k3 (k2, k3 per
+    row) and the parameter gradients, by blocks of columns over all rows: block b owns
+    columns [K*b/nblk, K*(b+1)/nblk) of dweight/dbias, and for each row computes its part
+    of dx, then that part's gradient terms while its dy and x are in cache (one read of
+    dy and x for both; the Cython module's function of the same name)."""
+    st = _streams(dx)
+    for b in prange(nblk):
+        k0 = K * b // nblk
+        k1 = K * (b + 1) // nblk
+        dw = dweight[k0:k1]
+        db = dbias[k0:k1]
+        dw[:] = 0.0
+        db[:] = 0.0
+        for r in range(R):
+            mu = mean[r]
+            s = invstd[r]
+            _item_apply_backward(dy, x, dx, r * K, K, K, 1, k0, k1, s, k2[r], k3[r], mu,
+                                 weight, 0, st)
+            dyr = dy[r * K + k0:r * K + k1]
+            xr = x[r * K + k0:r * K + k1]
+            for k in range(k1 - k0):
+                d = np.float64(dyr[k])
+                dw[k] += d * (np.float64(xr[k]) - mu) * s
+                db[k] += d
+        if st:
+            _sfence()
