@@ -634,6 +634,13 @@ def seg_apply_backward(dy, x, P, M, G, Kc, Ks, nparts, mean, invstd, k2, k3, wei
 # own row of per-item accumulators, merged afterwards in a fixed order.
 # ----------------------------------------------------------------------------------------
 
+@_jit(False, _FM, "always")
+def _rows4(a, m, W):
+    """Rows m to m + 3 of ``a``, a flat array of rows of W values."""
+    return (a[m * W:(m + 1) * W], a[(m + 1) * W:(m + 2) * W], a[(m + 2) * W:(m + 3) * W],
+            a[(m + 3) * W:(m + 4) * W])
+
+
 @_jit(False)
 def _col_sums_rows(x, rows, W, sh, a1, a2):
     """a1[w] += sum_m (x[m, w] - sh[w]), a2[w] likewise squared, over ``rows`` rows of W
@@ -645,10 +652,7 @@ def _col_sums_rows(x, rows, W, sh, a1, a2):
     Each column's order is fixed by the number of rows alone."""
     m = 0
     while m + 4 <= rows and W <= 256:
-        x0 = x[m * W:(m + 1) * W]
-        x1 = x[(m + 1) * W:(m + 2) * W]
-        x2 = x[(m + 2) * W:(m + 3) * W]
-        x3 = x[(m + 3) * W:(m + 4) * W]
+        x0, x1, x2, x3 = _rows4(x, m, W)
         for w in range(W):
             h = sh[w]
             d0 = np.float64(x0[w]) - h
@@ -734,14 +738,8 @@ def _col_grad_sums_rows(dy, x, rows, W, mu, a1, a2):
     1.9 ms; (256,28,28,32) 2.5 -> 1.7 ms)."""
     m = 0
     while m + 4 <= rows and W <= 64:
-        g0 = dy[m * W:(m + 1) * W]
-        g1 = dy[(m + 1) * W:(m + 2) * W]
-        g2 = dy[(m + 2) * W:(m + 3) * W]
-        g3 = dy[(m + 3) * W:(m + 4) * W]
-        x0 = x[m * W:(m + 1) * W]
-        x1 = x[(m + 1) * W:(m + 2) * W]
-        x2 = x[(m + 2) * W:(m + 3) * W]
-        x3 = x[(m + 3) * W:(m + 4) * W]
+        g0, g1, g2, g3 = _rows4(dy, m, W)
+        x0, x1, x2, x3 = _rows4(x, m, W)
         for w in range(W):
             h = mu[w]
             e0 = np.float64(g0[w])
