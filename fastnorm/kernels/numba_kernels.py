@@ -828,6 +828,18 @@ def col_apply_backward(dy, x, P, M, W, Ks, nch, k1, k2, k3, dx, nthreads):
                     dxr[k] = np.float64(dyr[k]) * a + np.float64(xr[k]) * b + e
 
 
+@_jit(False, _FM, "always")
+def _row_pgrads_add(dy, x, off, k0, k1, mu, s, dw, db):
+    """dw[k - k0] += dy * (x - mu) * s, db[k - k0] += dy over columns [k0, k1) of the row
+    at ``off`` (one row's terms of the parameter gradients)."""
+    dyr = dy[off + k0:off + k1]
+    xr = x[off + k0:off + k1]
+    for k in range(k1 - k0):
+        d = np.float64(dyr[k])
+        dw[k] += d * (np.float64(xr[k]) - mu) * s
+        db[k] += d
+
+
 @_jit(True)
 def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, dbias,
                   nthreads):
@@ -859,14 +871,7 @@ def rows_backward(dy, x, R, K, nrch, mean, invstd, weight, center, dx, dweight, 
                 _item_apply_backward(dy, x, dx, r * K, K, K, 1, 0, K, s, k2, k3, mu, weight,
                                      0, st)
             for r in range(a, b):  # the block's parameter gradients, rows in order
-                mu = mean[r]
-                s = invstd[r]
-                dyr = dy[r * K:(r + 1) * K]
-                xr = x[r * K:(r + 1) * K]
-                for k in range(K):
-                    d = np.float64(dyr[k])
-                    dw[k] += d * (np.float64(xr[k]) - mu) * s
-                    db[k] += d
+                _row_pgrads_add(dy, x, r * K, 0, K, mean[r], invstd[r], dw, db)
             a = b
         if st:
             _sfence()
@@ -890,14 +895,7 @@ def row_param_grads(dy, x, R, K, nrch, nblk, mean, invstd, dweight, dbias, nthre
         dw[:] = 0.0
         db[:] = 0.0
         for r in range(r0, r1):
-            mu = mean[r]
-            s = invstd[r]
-            dyr = dy[r * K + k0:r * K + k1]
-            xr = x[r * K + k0:r * K + k1]
-            for k in range(k1 - k0):
-                d = np.float64(dyr[k])
-                dw[k] += d * (np.float64(xr[k]) - mu) * s
-                db[k] += d
+            _row_pgrads_add(dy, x, r * K, k0, k1, mean[r], invstd[r], dw, db)
 
 
 @_jit(True)
@@ -921,11 +919,6 @@ def rows_apply_backward_pgrads(dy, x, R, K, nblk, mean, invstd, k2, k3, weight, 
             s = invstd[r]
             _item_apply_backward(dy, x, dx, r * K, K, K, 1, k0, k1, s, k2[r], k3[r], mu,
                                  weight, 0, st)
-            dyr = dy[r * K + k0:r * K + k1]
-            xr = x[r * K + k0:r * K + k1]
-            for k in range(k1 - k0):
-                d = np.float64(dyr[k])
-                dw[k] += d * (np.float64(xr[k]) - mu) * s
-                db[k] += d
+            _row_pgrads_add(dy, x, r * K, k0, k1, mu, s, dw, db)
         if st:
             _sfence()
