@@ -841,6 +841,9 @@ def linear(x, weight, bias=None):
 
 # -------------------------------------------------------- convolution and pooling ----
 def _pair(value, name):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int:  # the modules' own (already checked) pairs
+        return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value), int(value))
     try:
