@@ -1353,14 +1353,19 @@ class CrossEntropy(Function):
         axis = 1 if logits.ndim >= 2 else 0
         lg = logits if logits.ndim <= 2 else \
             np.ascontiguousarray(np.moveaxis(logits, axis, -1))  # classes last, rows
-        logp = _log_softmax(lg, -1)
         C = lg.shape[-1]
-        if logp.ndim == 2:
-            picked = logp[np.arange(logp.shape[0]), target]
+        if lg.ndim == 2 and _contiguous_float(lg):  # one pass of the Cython helper
+            logp = np.empty(lg.shape, lg.dtype)
+            loss = np.empty(lg.shape[0], lg.dtype)
+            _infer.log_softmax_nll(lg, np.ascontiguousarray(target, np.intp), logp, loss)
         else:
-            picked = np.take_along_axis(logp, target[..., None].astype(np.intp),
-                                        axis=-1)[..., 0]
-        loss = -picked
+            logp = _log_softmax(lg, -1)
+            if logp.ndim == 2:
+                picked = logp[np.arange(logp.shape[0]), target]
+            else:
+                picked = np.take_along_axis(logp, target[..., None].astype(np.intp),
+                                            axis=-1)[..., 0]
+            loss = -picked
         if label_smoothing:
             loss = (1.0 - label_smoothing) * loss - label_smoothing / C * logp.sum(axis=-1)
         ctx.save_for_backward(logp, target)
@@ -1378,6 +1383,12 @@ class CrossEntropy(Function):
         logp, target = ctx.saved
         axis, reduction, eps, count = ctx.params
         C = logp.shape[-1]
+        if logp.ndim == 2 and not eps and reduction != "none" and _contiguous_float(logp) \
+                and np.ndim(grad) == 0:  # one pass of the Cython helper
+            d = np.empty(logp.shape, logp.dtype)
+            scale = float(grad) / count if reduction == "mean" else float(grad)
+            _infer.softmax_nll_backward(logp, np.ascontiguousarray(target, np.intp), scale, d)
+            return d, None
         d = np.exp(logp)  # softmax
         if eps:
             d -= eps / C

@@ -4,6 +4,7 @@ cimport numpy as cnp
 import numpy as np
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from cython.parallel cimport prange, threadid
+from libc.math cimport exp, expf, log, logf
 
 cnp.import_array()
 
@@ -230,6 +231,108 @@ def relu_backward(cnp.ndarray grad, cnp.ndarray out, cnp.ndarray gx, int nthread
         else:
             _relu_backward(<const double*>(gp + lo * isz), <const double*>(op + lo * isz),
                            <double*>(xp + lo * isz), hi - lo)
+
+
+# ---------------------------------------------------------------------- cross-entropy ----
+cdef void _log_softmax_nll(const real* x, const Py_ssize_t* target, real* logp, real* loss,
+                           Py_ssize_t N, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t n, c
+    cdef real m, v, s, lse
+    for n in range(N):
+        m = x[0]
+        for c in range(1, C):  # the maximum; a NaN propagates (as np.maximum.reduce)
+            v = x[c]
+            if v > m or v != v:
+                m = v
+        s = 0
+        for c in range(C):
+            logp[c] = x[c] - m
+            if real is float:
+                s += expf(logp[c])
+            else:
+                s += exp(logp[c])
+        lse = logf(s) if real is float else log(s)
+        for c in range(C):
+            logp[c] = logp[c] - lse
+        loss[n] = -logp[target[n]]
+        x += C
+        logp += C
+
+
+def log_softmax_nll(cnp.ndarray logits, cnp.ndarray target, cnp.ndarray logp,
+                    cnp.ndarray loss):
+    """Rows of (N, C) logits: logp = x - max - log(sum(exp(x - max))) and loss[n] =
+    -logp[n, target[n]], in the logits' float dtype (C's exp and log: within an ulp or
+    two of NumPy's, not bitwise).  C-contiguous logits, logp (N, C) and loss (N,) of one
+    dtype; target intp (N,), each in [0, C) (checked by the caller).  One call for what
+    took NumPy eight (the (32, 10) logits of a training step: 11 -> ~2 us)."""
+    cdef int kind = _kind(logits)
+    if cnp.PyArray_NDIM(logits) != 2:
+        raise ValueError("logits: expected a 2-D array")
+    cdef Py_ssize_t N = cnp.PyArray_DIMS(logits)[0], C = cnp.PyArray_DIMS(logits)[1]
+    _same_size(logits, logits, "logits")
+    _same_size(logp, logits, "logp")
+    if not cnp.PyArray_ISWRITEABLE(logp) or not cnp.PyArray_ISWRITEABLE(loss):
+        raise ValueError("logp, loss: expected writable arrays")
+    if cnp.PyArray_TYPE(loss) != cnp.PyArray_TYPE(logits) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(loss) or cnp.PyArray_SIZE(loss) != N:
+        raise ValueError(f"loss: expected a C-contiguous {logits.dtype} array of {N} values")
+    if cnp.PyArray_TYPE(target) != cnp.NPY_INTP or not cnp.PyArray_IS_C_CONTIGUOUS(target) \
+            or cnp.PyArray_SIZE(target) != N:
+        raise ValueError(f"target: expected a C-contiguous intp array of {N} values")
+    if N == 0 or C == 0:
+        return
+    cdef void* xp = cnp.PyArray_DATA(logits)
+    cdef const Py_ssize_t* tp = <const Py_ssize_t*>cnp.PyArray_DATA(target)
+    cdef void* lp = cnp.PyArray_DATA(logp)
+    cdef void* op = cnp.PyArray_DATA(loss)
+    with nogil:
+        if kind == 0:
+            _log_softmax_nll(<const float*>xp, tp, <float*>lp, <float*>op, N, C)
+        else:
+            _log_softmax_nll(<const double*>xp, tp, <double*>lp, <double*>op, N, C)
+
+
+cdef void _softmax_nll_backward(const real* logp, const Py_ssize_t* target, real* d,
+                                Py_ssize_t N, Py_ssize_t C, real scale) noexcept nogil:
+    cdef Py_ssize_t n, c
+    cdef real v
+    for n in range(N):
+        for c in range(C):
+            v = expf(logp[c]) if real is float else exp(logp[c])
+            if c == target[n]:
+                v = v - 1
+            d[c] = v * scale
+        logp += C
+        d += C
+
+
+def softmax_nll_backward(cnp.ndarray logp, cnp.ndarray target, double scale,
+                         cnp.ndarray d):
+    """d = (softmax - onehot(target)) * scale with softmax = exp(logp), the gradient of
+    log_softmax_nll's mean (scale 1/N) or sum (scale 1) times the incoming gradient;
+    arrays as there, d like logp."""
+    cdef int kind = _kind(logp)
+    if cnp.PyArray_NDIM(logp) != 2:
+        raise ValueError("logp: expected a 2-D array")
+    cdef Py_ssize_t N = cnp.PyArray_DIMS(logp)[0], C = cnp.PyArray_DIMS(logp)[1]
+    _same_size(logp, logp, "logp")
+    _same_size(d, logp, "d")
+    if not cnp.PyArray_ISWRITEABLE(d):
+        raise ValueError("d: expected a writable array")
+    if cnp.PyArray_TYPE(target) != cnp.NPY_INTP or not cnp.PyArray_IS_C_CONTIGUOUS(target) \
+            or cnp.PyArray_SIZE(target) != N:
+        raise ValueError(f"target: expected a C-contiguous intp array of {N} values")
+    if N == 0 or C == 0:
+        return
+    cdef const void* lp = cnp.PyArray_DATA(logp)
+    cdef const Py_ssize_t* tp = <const Py_ssize_t*>cnp.PyArray_DATA(target)
+    cdef void* dp = cnp.PyArray_DATA(d)
+    with nogil:
+        if kind == 0:
+            _softmax_nll_backward(<const float*>lp, tp, <float*>dp, N, C, <float>scale)
+        else:
+            _softmax_nll_backward(<const double*>lp, tp, <double*>dp, N, C, scale)
 
 
 # ------------------------------------------------------------------------- bias_relu ----
