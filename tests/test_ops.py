@@ -436,6 +436,20 @@ def test_cross_entropy_helper_matches_the_numpy_path(dtype, reduction, monkeypat
         np.testing.assert_allclose(a[ok], b[ok], rtol=tol, atol=tol)
 
 
+def test_cross_entropy_helpers_refuse_a_class_out_of_range():
+    """The helpers index rows with the targets: they check them themselves (the op
+    called directly, without cross_entropy's check, gets an error, not a stray read)."""
+    if ops._infer is None:
+        pytest.skip("the Cython helpers are not built")
+    x = f32(3, 4)
+    logp, loss, d = np.empty_like(x), np.empty(3, np.float32), np.empty_like(x)
+    for bad in (np.array([0, 4, 1]), np.array([0, -1, 1])):
+        with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 4\)"):
+            ops._infer.log_softmax_nll(x, bad.astype(np.intp), logp, loss)
+        with pytest.raises(ValueError, match="target"):
+            ops._infer.softmax_nll_backward(x, bad.astype(np.intp), 1.0, d)
+
+
 def test_cross_entropy_accepts_an_integer_tensor_target():
     x = Tensor(f32(4, 3), requires_grad=True)
     target = fn.tensor(np.array([0, 1, 2, 1], dtype=np.int32))
