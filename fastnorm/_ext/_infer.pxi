@@ -559,6 +559,7 @@ cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, P
                 else:
                     fn_pool2x2_argmax_f64(x + n * sn + c * sc, shh, sww, Ho, Wo, out + o,
                                           index + o)
+            continue
         for oh in range(Ho):
             a0 = oh * sh - ph
             alo = max(0, -a0)
@@ -570,8 +571,6 @@ cdef void _max_pool_argmax(const real* x, real* out, int* index, Py_ssize_t N, P
                     _windows_argmax(x + n * sn + a0 * shh + b0 * sww, sc, C, shh, sww, alo,
                                     ahi, max(0, -b0), min(kW, W - b0), kW, out + o,
                                     index + o)
-                continue
-            if pool2x2:
                 continue
             for c in range(C):
                 o = ((n * C + c) * Ho + oh) * Wo
