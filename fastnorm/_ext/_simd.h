@@ -697,6 +697,19 @@ static inline void fn_gsums_w_f32(const float* dy, const float* x, const float* 
  * block.  One row at a time with the sums in memory (the previous loop) took ~1.1 ms of
  * a (4096,1024) LayerNorm backward, nearly as much as dx. */
 #define FN_PG_ROWS 64
+#if FN_SIMD
+/* 8 columns of one row: w += dy * (x - (hi + lo)) * s, b += dy, in two double halves. */
+static inline void fn_pg8(const float* g_, const float* x_, __m256 vh, __m256 vl, __m256 vs,
+                          __m256d* w0, __m256d* w1, __m256d* b0, __m256d* b1) {
+    __m256 g = _mm256_loadu_ps(g_);
+    __m256 p = _mm256_mul_ps(_mm256_mul_ps(g, fn_center8(_mm256_loadu_ps(x_), vh, vl)), vs);
+    *w0 = _mm256_add_pd(*w0, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+    *w1 = _mm256_add_pd(*w1, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+    *b0 = _mm256_add_pd(*b0, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
+    *b1 = _mm256_add_pd(*b1, _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1)));
+}
+#endif
+
 static inline void fn_rows_pgrads_f32(const float* dy, const float* x, Py_ssize_t rows,
                                       Py_ssize_t stride, Py_ssize_t n, const double* mean,
                                       const double* invstd, double* dw, double* db) {
@@ -718,22 +731,9 @@ static inline void fn_rows_pgrads_f32(const float* dy, const float* x, Py_ssize_
             const float* x_ = x + r * stride + j;
             __m256 vh = _mm256_broadcast_ss(mh + r), vl = _mm256_broadcast_ss(ml + r);
             __m256 vs = _mm256_broadcast_ss(sc + r);
-            __m256 g = _mm256_loadu_ps(g_);
-            __m256 p = _mm256_mul_ps(_mm256_mul_ps(g, fn_center8(_mm256_loadu_ps(x_), vh, vl)),
-                                     vs);
-            w0 = _mm256_add_pd(w0, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-            w1 = _mm256_add_pd(w1, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
-            b0 = _mm256_add_pd(b0, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
-            b1 = _mm256_add_pd(b1, _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1)));
-            if (two) {
-                g = _mm256_loadu_ps(g_ + 8);
-                p = _mm256_mul_ps(_mm256_mul_ps(g, fn_center8(_mm256_loadu_ps(x_ + 8), vh, vl)),
-                                  vs);
-                w2 = _mm256_add_pd(w2, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-                w3 = _mm256_add_pd(w3, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
-                b2 = _mm256_add_pd(b2, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
-                b3 = _mm256_add_pd(b3, _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1)));
-            }
+            fn_pg8(g_, x_, vh, vl, vs, &w0, &w1, &b0, &b1);
+            if (two)
+                fn_pg8(g_ + 8, x_ + 8, vh, vl, vs, &w2, &w3, &b2, &b3);
         }
         _mm256_storeu_pd(dw + j, _mm256_add_pd(_mm256_loadu_pd(dw + j), w0));
         _mm256_storeu_pd(dw + j + 4, _mm256_add_pd(_mm256_loadu_pd(dw + j + 4), w1));
