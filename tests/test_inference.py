@@ -363,9 +363,9 @@ def test_batched_products_keep_blas_on_one_thread_inside_ours(monkeypatch):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def batched_matmul(self, *args):
+        def batched_matmul(self, *args, **kwargs):
             seen.append(ctl.get_num_threads())
-            return real.batched_matmul(*args)
+            return real.batched_matmul(*args, **kwargs)
 
     monkeypatch.setattr(ops, "_infer", Spy())
     before = ctl.get_num_threads()
@@ -406,6 +406,67 @@ def test_conv2d_products_on_threads_match_numpy(layout, monkeypatch):
         runs.append((y.data, x.grad, w.grad))
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv2d_one_pass_helpers_equal_separate_passes(layout, threads, monkeypatch):
+    """conv_forward/conv_backward (columns and products sample by sample in one parallel
+    region) give the bits of im2col, the batched products and col2im run one after
+    another, on any number of threads; with and without a weight gradient or bias."""
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fn._config, "_num_threads", threads)
+    rng = np.random.default_rng(8)
+    xs = (9, 3, 7, 6) if layout == "NCHW" else (9, 7, 6, 3)
+    x0 = rng.standard_normal(xs).astype(np.float32)
+    w0 = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    b0 = rng.standard_normal(5).astype(np.float32)
+    dy = rng.standard_normal((9, 5, 4, 7) if layout == "NCHW" else (9, 4, 7, 5))
+    dy = dy.astype(np.float32)
+    for wgrad, bias in [(True, True), (False, False)]:
+        runs = []
+        for helpers in (True, False):
+            monkeypatch.setattr(ops, "_conv_helpers", lambda x, w, h=helpers: h)
+            x = fn.Tensor(x0, requires_grad=True)
+            w = fn.Tensor(w0, requires_grad=wgrad)
+            b = fn.Tensor(b0, requires_grad=True) if bias else None
+            y = ops.conv2d(x, w, b, stride=(2, 1), padding=(1, 1), layout=layout)
+            y.backward(dy)
+            runs.append((y.data, x.grad, w.grad, None if b is None else b.grad))
+        for a, b_ in zip(*runs):
+            if a is None:
+                assert b_ is None
+            else:
+                np.testing.assert_array_equal(a, b_)
+
+
+def test_conv_helpers_reject_mismatched_arrays():
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    infer = ops._infer  # the build BLAS was given to
+    x = np.zeros((2, 3, 5, 5), np.float32)
+    w = np.zeros((4, 27), np.float32)
+    cols = np.zeros((2, 27, 25), np.float32)
+    out = np.zeros((2, 4, 5, 5), np.float32)
+    geo = ((3, 3), (1, 1), (1, 1), False)
+    infer.conv_forward(x, w, cols, out, *geo)  # the right arrays pass
+    with pytest.raises(ValueError, match="w: expected"):
+        infer.conv_forward(x, w[:, :26].copy(), cols, out, *geo)
+    with pytest.raises(ValueError, match="out: expected"):
+        infer.conv_forward(x, w, cols, out[:1].copy(), *geo)
+    with pytest.raises(TypeError, match="cols: expected dtype float32"):
+        infer.conv_forward(x, w, cols.astype(np.float64), out, *geo)
+    g = np.zeros((2, 4, 25), np.float32)
+    with pytest.raises(ValueError, match="gw: expected a \\(G, 27, 4\\)"):
+        infer.conv_backward(g, cols, w, np.zeros((3, 27, 4), np.float32), x, *geo)
+    with pytest.raises(ValueError, match="g: expected"):
+        infer.conv_backward(g[:, :3].copy(), cols, w, None, x, *geo)
 
 
 def test_infer_helpers_match_numpy():

@@ -933,3 +933,205 @@ def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint 
                 _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
                        <double*>(ap + i * sa), &ldb, &d1, <double*>(op + g * so), &ldc)
             i = i + 1
+
+
+# ----------------------------------------------------------- a convolution's passes ----
+# The column matrix and the products of a convolution in one parallel region, sample by
+# sample: a sample's columns are multiplied while they are in cache, its column gradient
+# never leaves the thread's buffer, and a training step waits for the thread team twice
+# per convolution instead of five times.  The BLAS calls are the ones ``batched_matmul``
+# makes, on the same operands: the same values.
+cdef inline void _mm(int kind, bint ta, bint tb, int M, int Nc, int K, char* a, char* b,
+                     char* c, bint add) noexcept nogil:
+    """Row-major c (M x Nc) = op(a) @ op(b), plus c with ``add``; a is M x K (K x M with
+    ``ta``), b is K x Nc (Nc x K with ``tb``), all C-contiguous; one BLAS call."""
+    # row major C = A @ B is column major C^T = B^T @ A^T: BLAS gets b first
+    cdef char tra = b'T' if tb else b'N', trb = b'T' if ta else b'N'
+    cdef int lda = K if tb else Nc, ldb = M if ta else K, ldc = Nc
+    cdef float f1 = 1.0, fb = 1.0 if add else 0.0
+    cdef double d1 = 1.0, db = 1.0 if add else 0.0
+    if lda < 1:
+        lda = 1
+    if ldb < 1:
+        ldb = 1
+    if ldc < 1:
+        ldc = 1
+    if kind == 0:
+        _sgemm(&tra, &trb, &Nc, &M, &K, &f1, <float*>b, &lda, <float*>a, &ldb, &fb,
+               <float*>c, &ldc)
+    else:
+        _dgemm(&tra, &trb, &Nc, &M, &K, &d1, <double*>b, &lda, <double*>a, &ldb, &db,
+               <double*>c, &ldc)
+
+
+cdef inline void _im2col_sample(int kind, bint nhwc, char* x, char* cols, Py_ssize_t C,
+                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1, Py_ssize_t s2,
+                                Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sh,
+                                Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t Ho,
+                                Py_ssize_t Wo, char* plane) noexcept nogil:
+    if kind == 0 and nhwc:
+        _im2col_nhwc(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <float*>plane)
+    elif kind == 0:
+        _im2col_nchw(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <float*>plane)
+    elif nhwc:
+        _im2col_nhwc(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <double*>plane)
+    else:
+        _im2col_nchw(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <double*>plane)
+
+
+cdef inline void _col2im_sample(int kind, bint nhwc, char* cols, char* gx, Py_ssize_t C,
+                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
+                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                Py_ssize_t Ho, Py_ssize_t Wo, char* plane) noexcept nogil:
+    if kind == 0 and nhwc:
+        _col2im_nhwc(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <float*>plane)
+    elif kind == 0:
+        _col2im_nchw(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <float*>plane)
+    elif nhwc:
+        _col2im_nhwc(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <double*>plane)
+    else:
+        _col2im_nchw(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <double*>plane)
+
+
+cdef inline void _check_matrix(cnp.ndarray a, cnp.ndarray like, Py_ssize_t r, Py_ssize_t c,
+                               str name) except *:
+    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(like) or not cnp.PyArray_IS_C_CONTIGUOUS(a) \
+            or cnp.PyArray_SIZE(a) != r * c:
+        raise ValueError(f"{name}: expected a C-contiguous {like.dtype} array of {r}x{c} "
+                         f"values, got {a.dtype} {(<object>a).shape}")
+
+
+def conv_forward(cnp.ndarray x not None, cnp.ndarray w not None, cnp.ndarray cols not None,
+                 cnp.ndarray out not None, kernel, stride, padding, bint nhwc,
+                 int nthreads=1):
+    """A convolution's forward, sample by sample on up to ``nthreads`` threads: the
+    sample's columns into ``cols`` (as ``im2col`` writes them, kept for the weight
+    gradient), then its product into ``out`` (C-contiguous, N*O*Ho*Wo values): NCHW
+    out[n] = w (O, K) @ cols[n] (K, Ho*Wo); NHWC out[n] = cols[n] (Ho*Wo, K) @ w (K, O),
+    K = C*kH*kW."""
+    if _sgemm == NULL:
+        raise RuntimeError("conv_forward: no BLAS set (set_gemm)")
+    cdef int kind = _kind(x)
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(x, kernel, stride, padding, nhwc)
+    cdef Py_ssize_t K = C * kH * kW, P = Ho * Wo
+    cdef Py_ssize_t O = cnp.PyArray_SIZE(w) // K if K > 0 else 0
+    _check_matrix(w, x, K if nhwc else O, O if nhwc else K, "w")
+    _check_out(cols, x, N * K * P, "cols")
+    _check_out(out, x, N * O * P, "out")
+    if max(K, P, O) > 2147483647:
+        raise ValueError("shapes: matrices larger than BLAS's int")
+    cdef Py_ssize_t s0 = _stride(x, 0), s1 = _stride(x, 1), s2 = _stride(x, 2)
+    cdef Py_ssize_t s3 = _stride(x, 3)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x)
+    cdef Py_ssize_t psize = (H + 2 * ph) * (W + 2 * pw) * (C if nhwc else 1)
+    cdef int nt = max(1, min(nthreads, N))
+    cdef char* xp = <char*>cnp.PyArray_DATA(x)
+    cdef char* wp = <char*>cnp.PyArray_DATA(w)
+    cdef char* cp = <char*>cnp.PyArray_DATA(cols)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
+    cdef int m = <int>O, p = <int>P, k = <int>K
+    cdef Py_ssize_t n
+    cdef char* cn
+    # a padded plane (NCHW) or image (NHWC, its padding zeroed here once) per thread
+    cdef char* planes = <char*>PyMem_RawCalloc(nt * psize, isz)
+    if planes == NULL:
+        raise MemoryError()
+    for n in prange(N, nogil=True, schedule='static', num_threads=nt):
+        cn = cp + n * K * P * isz
+        _im2col_sample(kind, nhwc, xp + n * s0 * isz, cn, C, H, W, s1, s2, s3, kH, kW,
+                       sh, sw, ph, pw, Ho, Wo, planes + threadid() * psize * isz)
+        if nhwc:
+            _mm(kind, False, False, p, m, k, cn, wp, op + n * O * P * isz, False)
+        else:
+            _mm(kind, False, False, m, p, k, wp, cn, op + n * O * P * isz, False)
+    PyMem_RawFree(planes)
+
+
+def conv_backward(cnp.ndarray g not None, object cols, cnp.ndarray w not None, object gw,
+                  cnp.ndarray gx not None, kernel, stride, padding, bint nhwc,
+                  int nthreads=1):
+    """A convolution's backward in one parallel region: the input gradient ``gx``
+    (C-contiguous 4-D, the input's shape) sample by sample, the column gradient of a
+    sample in the thread's buffer, scattered back as ``col2im`` does; with ``gw`` (a
+    C-contiguous (G, K, O) array, or None) also the weight gradient's G partial sums,
+    each over a fixed run of samples added in order, as ``batched_matmul`` with
+    ``samples`` computes them.  ``g`` is the output gradient (N, O, Ho*Wo) NCHW or
+    (N, Ho*Wo, O) NHWC, ``cols`` the forward's columns, ``w`` the weight as (O, K) (NHWC:
+    its (O, kH, kW, C) transpose); ``cols`` may be None without ``gw``.  Each work item (a
+    group, a sample) writes its own outputs: the same values for any thread count."""
+    if _sgemm == NULL:
+        raise RuntimeError("conv_backward: no BLAS set (set_gemm)")
+    cdef int kind = _kind(gx)
+    if cnp.PyArray_NDIM(gx) != 4 or not gx.flags.c_contiguous or not gx.flags.writeable:
+        raise ValueError("gx: expected a writable C-contiguous 4-D array")
+    cdef Py_ssize_t N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo
+    N, C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo = _geometry(gx, kernel, stride, padding, nhwc)
+    cdef Py_ssize_t K = C * kH * kW, P = Ho * Wo
+    cdef Py_ssize_t O = cnp.PyArray_SIZE(w) // K if K > 0 else 0
+    _check_matrix(w, gx, O, K, "w")
+    _check_matrix(g, gx, N * O, P, "g")
+    cdef Py_ssize_t G = 0
+    cdef char* gwp = NULL
+    cdef char* cp = NULL
+    if gw is not None:
+        _check_matrix(cols, gx, N * K, P, "cols")
+        cp = <char*>cnp.PyArray_DATA(cols)
+        _check_out(gw, gx, cnp.PyArray_SIZE(gw), "gw")
+        G = (<object>gw).shape[0] if (<cnp.ndarray>gw).ndim == 3 else -1
+        if G < 1 or G > N or cnp.PyArray_SIZE(gw) != G * K * O:
+            raise ValueError(f"gw: expected a (G, {K}, {O}) array with 1 <= G <= {N}, got "
+                             f"{(<object>gw).shape}")
+        gwp = <char*>cnp.PyArray_DATA(gw)
+    if max(K, P, O) > 2147483647:
+        raise ValueError("shapes: matrices larger than BLAS's int")
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(gx)
+    cdef Py_ssize_t psize = (H + 2 * ph) * (W + 2 * pw) * (C if nhwc else 1)
+    cdef Py_ssize_t per = K * P + psize  # a thread's column gradient, then its plane
+    cdef int nt = max(1, min(nthreads, N + G))
+    cdef char* gp = <char*>cnp.PyArray_DATA(g)
+    cdef char* wp = <char*>cnp.PyArray_DATA(w)
+    cdef char* xp = <char*>cnp.PyArray_DATA(gx)
+    cdef int m = <int>O, p = <int>P, k = <int>K
+    cdef Py_ssize_t it, i, i0, i1, j
+    cdef char* buf
+    cdef char* bufs = <char*>PyMem_RawMalloc(nt * per * isz)
+    if bufs == NULL:
+        raise MemoryError()
+    for it in prange(G + N, nogil=True, schedule='static', num_threads=nt):
+        # the G groups sit at items j * (G + N) // G, spread evenly among the samples so
+        # that the threads' runs of items hold as many groups
+        j = ((it + 1) * G + G + N - 1) // (G + N)  # groups at items <= it
+        if j > G:
+            j = G
+        if j > 0 and (j - 1) * (G + N) // G == it:  # partial sum j - 1, (K, O)
+            j = j - 1
+            i = (j * N + G - 1) // G  # its first sample: n * G // N == j
+            i0 = i
+            i1 = ((j + 1) * N + G - 1) // G
+            while i < i1:
+                if nhwc:  # cols[i]^T (K, P) @ g[i] (P, O)
+                    _mm(kind, True, False, k, m, p, cp + i * K * P * isz,
+                        gp + i * O * P * isz, gwp + j * K * O * isz, i > i0)
+                else:  # cols[i] (K, P) @ g[i]^T (P, O)
+                    _mm(kind, False, True, k, m, p, cp + i * K * P * isz,
+                        gp + i * O * P * isz, gwp + j * K * O * isz, i > i0)
+                i = i + 1
+        else:
+            i = it - j
+            buf = bufs + threadid() * per * isz
+            if nhwc:  # g[i] (P, O) @ w (O, K): the sample's (P, K) column gradient
+                _mm(kind, False, False, p, k, m, gp + i * O * P * isz, wp, buf, False)
+            else:  # w^T (K, O) @ g[i] (O, P): (K, P)
+                _mm(kind, True, False, k, p, m, wp, gp + i * O * P * isz, buf, False)
+            _col2im_sample(kind, nhwc, buf, xp + i * C * H * W * isz, C, H, W, kH, kW, sh,
+                           sw, ph, pw, Ho, Wo, buf + K * P * isz)
+    PyMem_RawFree(bufs)
