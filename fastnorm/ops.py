@@ -1007,7 +1007,7 @@ def _bmm(a, b, ta=False, tb=False, summed=False):
 
 
 def _on_threads(helper, nt, *args, **kwargs):
-    """``helper(*args, nthreads=nt, **kwargs)``: a Cython helper making BLAS calls on
+    """``helper(*args, nthreads=nt, **kwargs)``, a Cython helper making BLAS calls on
     ``nt`` of the kernels' threads.  BLAS's own threads inside ours (OpenBLAS threads a product from
     m*n*k = 256K, the size of one sample's product at (32,16,8,8) -> 32 channels) would
     put two threads per core, so SciPy's BLAS runs on one thread around the call."""
@@ -1016,7 +1016,7 @@ def _on_threads(helper, nt, *args, **kwargs):
     if before is not None and before > 1:
         ctl.set_num_threads(1)
     try:
-        helper(*args, nthreads=nt, **kwargs)
+        return helper(*args, nthreads=nt, **kwargs)
     finally:
         if before is not None and before > 1:
             ctl.set_num_threads(before)
@@ -1069,6 +1069,12 @@ class Conv2d(Function):
         Ho = _out_size(H, kH, stride[0], padding[0], "kernel height", "conv2d")
         Wo = _out_size(W, kW, stride[1], padding[1], "kernel width", "conv2d")
         pointwise = kH == kW == 1 and stride == (1, 1) and padding == (0, 0)
+        nx, nw, _ = ctx.needs_input_grad
+        if _winograd(weight.shape, stride, padding, (Ho, Wo), nx or nw) \
+                and _conv_helpers(x, weight):
+            out = Conv2d._forward_winograd(ctx, x, weight, bias, layout, (Ho, Wo))
+            if out is not None:
+                return out
         if not pointwise and _conv_helpers(x, weight):  # columns and products in one pass
             K, P = C * kH * kW, Ho * Wo
             nhwc = layout == "NHWC"
@@ -1098,9 +1104,31 @@ class Conv2d(Function):
             out = _bmm(cols.reshape(N, Ho * Wo, kH * kW * C), w2).reshape(N, Ho, Wo, O)
             if bias is not None:
                 out += bias
-        nx, nw, _ = ctx.needs_input_grad
         ctx.save_for_backward(cols if nw else None, weight if nx else None)
         ctx.geometry = x.shape, weight.shape, stride, padding, layout, (Ho, Wo)
+        ctx.winograd = None
+        return out
+
+    @staticmethod
+    def _forward_winograd(ctx, x, weight, bias, layout, out_hw):
+        """A 3x3 convolution of stride 1 and padding 1 with an even output by Winograd
+        F(2x2, 3x3) (``wino_forward``): 16 multiplications per 2x2 output tile and
+        channel pair instead of 36.  None when x holds a value that is not finite: the
+        transforms would make NaNs of an inf where the direct sum gives inf."""
+        N, O = x.shape[0], weight.shape[0]
+        nhwc = layout == "NHWC"
+        U = _wino_kernels(weight)
+        out = np.empty((N, *out_hw, O) if nhwc else (N, O, *out_hw), x.dtype)
+        V = _on_threads(_infer.wino_forward, _helper_threads(max(x.size * 4, out.size)), x, U,
+                        out, nhwc)
+        if V is None:
+            return None
+        if bias is not None:
+            out += bias if nhwc else bias.reshape(O, 1, 1)
+        nx, nw, _ = ctx.needs_input_grad
+        ctx.save_for_backward(V if nw else None, U if nx else None)
+        ctx.geometry = x.shape, weight.shape, (1, 1), (1, 1), layout, out_hw
+        ctx.winograd = x, weight  # for a gradient that is not finite: im2col
         return out
 
     @staticmethod
@@ -1111,6 +1139,8 @@ class Conv2d(Function):
         O, C, kH, kW = wshape
         N = xshape[0]
         gx = gw = gb = None
+        if ctx.winograd is not None:
+            return Conv2d._backward_winograd(ctx, grad, nx, nw, nb)
         pointwise = kH == kW == 1 and stride == (1, 1) and padding == (0, 0)
         if nx and not pointwise and _conv_helpers(grad, weight):
             return Conv2d._backward_helpers(ctx, grad, nw, nb)
@@ -1166,6 +1196,32 @@ class Conv2d(Function):
         return gx, gw, gb
 
     @staticmethod
+    def _backward_winograd(ctx, grad, nx, nw, nb):
+        V, U = ctx.saved
+        xshape, wshape, _, _, layout, out_hw = ctx.geometry
+        O, C = wshape[:2]
+        N = xshape[0]
+        nhwc = layout == "NHWC"
+        g = np.ascontiguousarray(grad)
+        dU = np.empty((_infer.wino_groups(N, *out_hw), 16, C, O), g.dtype) if nw else None
+        gx = np.empty(xshape, g.dtype) if nx else None
+        if not _on_threads(_infer.wino_backward,
+                           _helper_threads(N * out_hw[0] * out_hw[1] * max(C, O)),
+                           g, U, V, gx, dU, nhwc):  # g not finite: im2col's backward
+            x, weight = ctx.winograd
+            K, P = C * 9, out_hw[0] * out_hw[1]
+            cols = _im2col(x, (3, 3), (1, 1), (1, 1), layout,
+                           (N * P, K) if nhwc else (N, K, P)) if nw else None
+            ctx.save_for_backward(cols, weight)
+            ctx.winograd = None
+            return Conv2d.backward(ctx, grad)
+        gw = _wino_kernel_grad(dU.sum(axis=0), wshape) if nw else None  # groups in order
+        gb = None
+        if nb:
+            gb = g.reshape(-1, O).sum(axis=0) if nhwc else g.reshape(N, O, -1).sum(axis=(0, 2))
+        return gx, gw, gb
+
+    @staticmethod
     def _backward_helpers(ctx, grad, nw, nb):
         """The input gradient and, when wanted, the weight gradient's partial sums in one
         pass of the Cython helper (``conv_backward``): the same products as the separate
@@ -1190,6 +1246,40 @@ class Conv2d(Function):
         if nb:
             gb = g3.reshape(-1, O).sum(axis=0) if nhwc else g3.sum(axis=(0, 2))
         return gx, gw, gb
+
+
+def _winograd(wshape, stride, padding, out_hw, grad):
+    """True for the convolutions ``wino_forward`` computes, 3x3 with stride 1, padding 1
+    and an even output height and width (the digits and MNIST nets' layers), where it
+    was measured faster than im2col: from 8 input channels, and without gradients on
+    images of 100 values and more.  (2 threads, forward + backward, NCHW: (32,16,28,28)
+    -> 32 channels 2.0 + 3.8 -> 1.2 + 2.4 ms, (32,32,14,14) -> 64 1.7 + 3.3 -> 0.9 +
+    2.6 ms, (32,16,8,8) -> 32 backward 262-322 -> 216-243 us; 1 and 4 channels slower,
+    8 even; the forward alone of (8,64,8,8) -> 64 316 -> 430 us.)"""
+    return _WINOGRAD and wshape[2] == wshape[3] == 3 and stride == (1, 1) \
+        and padding == (1, 1) and out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0 \
+        and wshape[1] >= 8 and (grad or out_hw[0] * out_hw[1] >= 100)
+
+
+_WINOGRAD = True  # False: im2col for every convolution (comparisons, tests)
+# G (x) G for the kernels' transform, U = G g G^T (see fastnorm/_ext/_wino.pxi)
+_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINO_GG = {np.dtype(t): np.kron(_WINO_G, _WINO_G).astype(t) for t in (np.float32, np.float64)}
+
+
+def _wino_kernels(weight):
+    """U (16, C, O), C-contiguous: U[xi, c, o] = (G g[o, c] G^T)[xi], one product with
+    G (x) G."""
+    O, C = weight.shape[:2]
+    u = _WINO_GG[weight.dtype] @ weight.reshape(O * C, 9).T  # (16, O*C)
+    return np.ascontiguousarray(u.reshape(16, O, C).transpose(0, 2, 1))
+
+
+def _wino_kernel_grad(dU, wshape):
+    """The kernels' gradient G^T dU G from dU (16, C, O)."""
+    O, C = wshape[:2]
+    du = dU.transpose(0, 2, 1).reshape(16, O * C)
+    return np.ascontiguousarray((_WINO_GG[dU.dtype].T @ du).T).reshape(wshape)
 
 
 def _conv_helpers(x, weight):

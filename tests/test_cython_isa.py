@@ -139,3 +139,34 @@ def test_infer_twin_gives_the_same_bits(layout, dtype):
         results.append(r)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_twins_give_the_same_bits(layout, dtype):
+    """Winograd's transforms add and subtract only and the products are the same BLAS
+    calls: both builds give the same output, input and kernel gradients."""
+    cython_blas = pytest.importorskip("scipy.linalg.cython_blas")
+    from fastnorm import ops
+    nhwc = layout == "NHWC"
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5, 6, 4, 8) if nhwc else (5, 8, 6, 4)).astype(dtype)
+    w = rng.standard_normal((3, 8, 3, 3)).astype(dtype)
+    g = rng.standard_normal((5, 6, 4, 3) if nhwc else (5, 3, 6, 4)).astype(dtype)
+    U = ops._wino_kernels(w)
+    caps = cython_blas.__pyx_capi__
+    results = []
+    for mod in _infer_twins():
+        mod.set_gemm(caps["sgemm"], caps["dgemm"])
+        r = []
+        for nt in (1, 2):
+            y = np.empty(g.shape, dtype)
+            V = mod.wino_forward(x, U, y, nhwc, nt)
+            dx = np.empty_like(x)
+            dU = np.empty((mod.wino_groups(5, 6, 4), 16, 8, 3), dtype)
+            assert mod.wino_backward(g, U, V, dx, dU, nhwc, nt)
+            r += [y, dx, dU]
+        results.append(r)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+

@@ -444,6 +444,105 @@ def test_conv2d_one_pass_helpers_equal_separate_passes(layout, threads, monkeypa
                 np.testing.assert_array_equal(a, b_)
 
 
+WINO_CASES = [  # x shape (NCHW), out channels: every layer ops._winograd takes
+    ((32, 16, 8, 8), 32),  # the digits CNN's second layer: 4 samples a group
+    ((3, 8, 6, 4), 5),     # a last group of fewer samples
+    ((2, 9, 2, 2), 3),     # one tile per sample
+    ((1, 8, 16, 14), 4),   # more tiles than a group's 64: one sample a group
+]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(WINO_CASES)))
+def test_conv2d_winograd_matches_im2col(layout, dtype, case, monkeypatch):
+    """Winograd F(2x2, 3x3) gives the output and the three gradients of the im2col
+    products to rounding (float32: 2e-6 of the largest value, float64: 1e-13), and the
+    same bits on one thread and two; with the input and weight gradients asked for
+    alone, and a strided (non-contiguous) input."""
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    monkeypatch.setattr(fn._config, "PARALLEL_MIN_ELEMENTS", 1)
+    shape, O = WINO_CASES[case]
+    assert ops._winograd((O, shape[1], 3, 3), (1, 1), (1, 1), shape[2:], True)
+    rng = np.random.default_rng(case)
+    x0 = rng.standard_normal(shape).astype(dtype)
+    if layout == "NHWC":
+        x0 = np.ascontiguousarray(x0.transpose(0, 2, 3, 1))
+    w0 = rng.standard_normal((O, shape[1], 3, 3)).astype(dtype)
+    b0 = rng.standard_normal(O).astype(dtype)
+    gshape = (shape[0], O, *shape[2:]) if layout == "NCHW" else (shape[0], *shape[2:], O)
+    dy = rng.standard_normal(gshape).astype(dtype)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+
+    def run(wino, threads, nx=True, nw=True, strided=False):
+        monkeypatch.setattr(ops, "_WINOGRAD", wino)
+        monkeypatch.setattr(fn._config, "_num_threads", threads)
+        xa = np.repeat(x0, 2, axis=0)[::2] if strided else x0
+        x, w = fn.Tensor(xa, requires_grad=nx), fn.Tensor(w0, requires_grad=nw)
+        b = fn.Tensor(b0, requires_grad=True)
+        y = ops.conv2d(x, w, b, padding=1, layout=layout)
+        y.backward(dy)
+        return y.data, x.grad, w.grad, b.grad
+
+    ref = run(False, 2)
+    one, two = run(True, 1), run(True, 2)
+    for a, b_ in zip(one, two):
+        np.testing.assert_array_equal(a, b_)
+    for got, exp in zip(two, ref):
+        assert np.abs(got - exp).max() <= tol * np.abs(exp).max()
+    for nx, nw, strided in [(True, False, False), (False, True, False), (True, True, True)]:
+        got = run(True, 2, nx, nw, strided)
+        exp = run(False, 2, nx, nw, strided)
+        for g_, e_ in zip(got, exp):
+            if e_ is None:
+                assert g_ is None
+            else:
+                assert np.abs(g_ - e_).max() <= tol * np.abs(e_).max()
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("where", ["input", "gradient"])
+def test_conv2d_winograd_leaves_non_finite_values_to_im2col(layout, where, monkeypatch):
+    """The transforms would turn an inf into NaNs where the direct sum gives inf: a
+    convolution whose input holds an inf or a NaN is computed by im2col, as is the
+    backward of an output gradient that holds one, and gives its bits."""
+    pytest.importorskip("fastnorm._ext.infer")
+    pytest.importorskip("scipy")
+    from fastnorm import ops
+    assert ops._gemm_ready()
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((3, 8, 6, 4)).astype(np.float32)
+    w0 = np.abs(rng.standard_normal((5, 8, 3, 3))).astype(np.float32)
+    dy = rng.standard_normal((3, 5, 6, 4)).astype(np.float32)
+    if where == "input":
+        x0[1, 2, 3, 1] = np.inf
+        x0[2, 0, 0, 0] = np.nan
+    else:
+        dy[0, 1, 2, 2] = -np.inf
+    if layout == "NHWC":
+        x0 = np.ascontiguousarray(x0.transpose(0, 2, 3, 1))
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
+    runs = []
+    for wino in (True, False):
+        monkeypatch.setattr(ops, "_WINOGRAD", wino)
+        x, w = fn.Tensor(x0, requires_grad=True), fn.Tensor(w0, requires_grad=True)
+        y = ops.conv2d(x, w, padding=1, layout=layout)
+        y.backward(dy)
+        runs.append((y.data, x.grad, w.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = runs
+    if where == "input":
+        np.testing.assert_array_equal(y, y_ref)
+        assert np.isinf(y).any()
+    else:  # a finite input: Winograd's forward, to rounding
+        assert np.abs(y - y_ref).max() <= 2e-6 * np.abs(y_ref).max()
+        assert np.isinf(gx).any()
+    np.testing.assert_array_equal(gx, gx_ref)
+    np.testing.assert_array_equal(gw, gw_ref)
+
+
 def test_conv_helpers_reject_mismatched_arrays():
     pytest.importorskip("fastnorm._ext.infer")
     pytest.importorskip("scipy")

@@ -266,6 +266,7 @@ CONV_CASES = [  # x shape (NCHW), out channels, kernel, stride, padding
     ((2, 3, 8, 7), 5, (3, 2), 2, (1, 0)),
     ((1, 2, 9, 9), 3, 5, (2, 3), 2),
     ((3, 4, 5, 5), 6, 1, 1, 0),
+    ((5, 8, 6, 4), 3, 3, 1, 1),  # Winograd F(2x2, 3x3) (ops._winograd)
 ]
 
 

@@ -1083,6 +1083,8 @@ def conv_backward(cnp.ndarray g not None, object cols, cnp.ndarray w not None, o
     cdef char* gwp = NULL
     cdef char* cp = NULL
     if gw is not None:
+        if cols is None:
+            raise ValueError("cols: the forward's columns are needed for gw")
         _check_matrix(cols, gx, N * K, P, "cols")
         cp = <char*>cnp.PyArray_DATA(cols)
         _check_out(gw, gx, cnp.PyArray_SIZE(gw), "gw")
@@ -1135,3 +1137,6 @@ def conv_backward(cnp.ndarray g not None, object cols, cnp.ndarray w not None, o
             _col2im_sample(kind, nhwc, buf, xp + i * C * H * W * isz, C, H, W, kH, kW, sh,
                            sw, ph, pw, Ho, Wo, buf + K * P * isz)
     PyMem_RawFree(bufs)
+
+
+include "_wino.pxi"

@@ -24,10 +24,14 @@ samples of a batch on ``nthreads`` OpenMP threads where a function takes it (tra
 - ``col2im(cols, gx, kernel, stride, padding, nhwc, nthreads=1)``: im2col's adjoint.
 - ``batched_matmul(a, b, out, ta, tb, nthreads=1)``: a BLAS product per sample, the
   samples on the threads (BLAS's sgemm/dgemm from ``set_gemm``).
+- ``conv_forward``, ``conv_backward``: a convolution's im2col, products and col2im
+  sample by sample in one parallel region per pass.
+- ``wino_forward``, ``wino_backward``: 3x3 convolutions of stride 1 and padding 1 by
+  Winograd F(2x2, 3x3) (``_wino.pxi``, transforms in ``_wino.h``).
 
-Apart from ``batched_matmul`` (BLAS's arithmetic), no arithmetic beyond one add per value
-and comparisons, so results are exactly those of the NumPy code they replace whatever
-the compiler flags.
+Apart from the products (BLAS's arithmetic) and Winograd's transforms (adds in a fixed
+order), no arithmetic beyond one add per value and comparisons, so results are exactly
+those of the NumPy code they replace whatever the compiler flags.
 
 ``infer_avx2`` is this module built with -mavx2 -mfma (``fastnorm._backend.infer_module``
 loads it on CPUs that have both): the copies and selects of im2col, col2im, ReLU and
