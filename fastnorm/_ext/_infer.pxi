@@ -5,6 +5,7 @@ import numpy as np
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from cython.parallel cimport prange, threadid
 from libc.math cimport exp, expf, log, logf
+from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 

@@ -386,3 +386,113 @@ def wino_backward(cnp.ndarray g not None, object U, object V, object dx, object 
         finite = finite and ok[gi]
     PyMem_RawFree(ok)
     return finite
+
+# ------------------------------------------------------------------ kernel transform ----
+cdef inline void _g3(real a, real b, real c, real* out) noexcept nogil:
+    """G (a, b, c): (a, (a + b + c) / 2, (a - b + c) / 2, c)."""
+    out[0] = a
+    out[1] = (a + b + c) * <real>0.5
+    out[2] = (a - b + c) * <real>0.5
+    out[3] = c
+
+
+cdef inline void _gt4(real a, real b, real c, real d, real* out) noexcept nogil:
+    """G^T (a, b, c, d): (a + (b + c) / 2, (b - c) / 2, d + (b + c) / 2)."""
+    out[0] = a + (b + c) * <real>0.5
+    out[1] = (b - c) * <real>0.5
+    out[2] = d + (b + c) * <real>0.5
+
+
+cdef void _wino_kernels_loop(const real* w, real* U, Py_ssize_t O, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t o, c, i, j
+    cdef real r[12]   # G g: 4 rows of 3
+    cdef real q[4]
+    cdef const real* g
+    for o in range(O):
+        for c in range(C):
+            g = w + (o * C + c) * 9
+            for j in range(3):  # G g, column by column
+                _g3(g[j], g[3 + j], g[6 + j], q)
+                for i in range(4):
+                    r[i * 3 + j] = q[i]
+            for i in range(4):  # then (.) G^T, row by row
+                _g3(r[i * 3], r[i * 3 + 1], r[i * 3 + 2], q)
+                for j in range(4):
+                    U[((i * 4 + j) * C + c) * O + o] = q[j]
+
+
+cdef int _wino_kernel_grad_loop(const real* dU, Py_ssize_t ng, real* dw, Py_ssize_t O,
+                                Py_ssize_t C) noexcept nogil:
+    """-1 when out of memory."""
+    cdef Py_ssize_t o, c, i, j, gi, xi
+    cdef Py_ssize_t n = 16 * C * O
+    cdef real d[16]
+    cdef real r[12]   # G^T dU: 3 rows of 4
+    cdef real q[3]
+    cdef real* acc = <real*>malloc(n * sizeof(real))
+    if acc == NULL:
+        return -1
+    for i in range(n):  # the groups' partial sums, added in group order
+        acc[i] = dU[i]
+    for gi in range(1, ng):
+        for i in range(n):
+            acc[i] = acc[i] + dU[gi * n + i]
+    for c in range(C):
+        for o in range(O):
+            for xi in range(16):
+                d[xi] = acc[(xi * C + c) * O + o]
+            for j in range(4):  # G^T d, column by column
+                _gt4(d[j], d[4 + j], d[8 + j], d[12 + j], q)
+                for i in range(3):
+                    r[i * 4 + j] = q[i]
+            for i in range(3):  # then (.) G, row by row
+                _gt4(r[i * 4], r[i * 4 + 1], r[i * 4 + 2], r[i * 4 + 3], q)
+                for j in range(3):
+                    dw[(o * C + c) * 9 + i * 3 + j] = q[j]
+    free(acc)
+    return 0
+
+
+def wino_kernels(cnp.ndarray w not None, cnp.ndarray U not None):
+    """U[xi, c, o] = (G g G^T)[xi] of each kernel g = w[o, c] (w: C-contiguous (O, C, 3,
+    3); U: C-contiguous, 16 * C * O values of w's dtype)."""
+    cdef int kind = _kind(w)
+    if cnp.PyArray_NDIM(w) != 4 or (<object>w).shape[2:] != (3, 3) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(w):
+        raise ValueError(f"w: expected a C-contiguous (O, C, 3, 3) array, got shape "
+                         f"{(<object>w).shape}")
+    cdef Py_ssize_t O = (<object>w).shape[0], C = (<object>w).shape[1]
+    _check_out(U, w, 16 * C * O, "U")
+    cdef void* wp = cnp.PyArray_DATA(w)
+    cdef void* up = cnp.PyArray_DATA(U)
+    with nogil:
+        if kind == 0:
+            _wino_kernels_loop(<const float*>wp, <float*>up, O, C)
+        else:
+            _wino_kernels_loop(<const double*>wp, <double*>up, O, C)
+
+
+def wino_kernel_grad(cnp.ndarray dU not None, cnp.ndarray dw not None):
+    """dw[o, c] = G^T (sum over the groups of dU[:, :, c, o]) G: the kernels' gradient
+    from ``wino_backward``'s partial sums (C-contiguous (groups, 16, C, O)), the groups
+    added in order; dw: C-contiguous (O, C, 3, 3) of dU's dtype."""
+    cdef int kind = _kind(dU)
+    if cnp.PyArray_NDIM(dU) != 4 or (<object>dU).shape[1] != 16 \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(dU):
+        raise ValueError(f"dU: expected a C-contiguous (groups, 16, C, O) array, got shape "
+                         f"{(<object>dU).shape}")
+    cdef Py_ssize_t ng = (<object>dU).shape[0], C = (<object>dU).shape[2]
+    cdef Py_ssize_t O = (<object>dU).shape[3]
+    if (<object>dw).shape != (O, C, 3, 3):
+        raise ValueError(f"dw: expected shape {(O, C, 3, 3)}, got {(<object>dw).shape}")
+    _check_out(dw, dU, O * C * 9, "dw")
+    cdef void* dp = cnp.PyArray_DATA(dU)
+    cdef void* wp = cnp.PyArray_DATA(dw)
+    cdef int rc
+    with nogil:
+        if kind == 0:
+            rc = _wino_kernel_grad_loop(<const float*>dp, ng, <float*>wp, O, C)
+        else:
+            rc = _wino_kernel_grad_loop(<const double*>dp, ng, <double*>wp, O, C)
+    if rc < 0:
+        raise MemoryError()
