@@ -6,6 +6,24 @@
 #ifndef FASTNORM_WINO_H
 #define FASTNORM_WINO_H
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* 1 when v is an inf or a NaN (all exponent bits set), from its bits: a test in floating
+ * point (v * 0 != 0) is folded away under -fassociative-math -fno-signed-zeros. */
+static inline int fn_nonfinite_f32(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+static inline int fn_nonfinite_f64(double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    return (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
 
 /* 16 pointers n0..n15 to the matrices of a tile position, ``stride`` values apart: as
  * separate restrict pointers gcc knows the 16 streams apart (through one pointer and a
@@ -91,27 +109,28 @@ static __attribute__((noinline)) void fn_wino_output_##S(const T* restrict M, T*
 }                                                                                        \
                                                                                          \
 /* dM[xi, t0 + tile, o] = (A dY A^T)[xi] for each tile of a sample's output gradient D \
- * (H x W x O, channel-last): the adjoint of fn_wino_output.  Returns 0, or NaN when
- * D holds a value that is not finite. */                          \
-static __attribute__((noinline)) T fn_wino_grad_output_##S(const T* restrict D, T* restrict dM, ptrdiff_t O, \
+ * (H x W x O, channel-last): the adjoint of fn_wino_output.  Returns 1 when D holds
+ * a value that is not finite, else 0. */                          \
+static __attribute__((noinline)) int fn_wino_grad_output_##S(const T* restrict D, T* restrict dM, ptrdiff_t O, \
                                     ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0,             \
                                     ptrdiff_t TO)                                        \
 {                                                                                        \
-    T probe = 0;  /* NaN when a value of D is not finite (or their sum overflows) */    \
+    int bad = 0;  /* 1 when a value of D is not finite */                                \
     ptrdiff_t t = t0;                                                                    \
     for (ptrdiff_t ty = 0; ty < H / 2; ty++)                                             \
         for (ptrdiff_t tx = 0; tx < W / 2; tx++, t++) {                                  \
             const T* restrict d0 = D + ((2 * ty) * W + 2 * tx) * O;                      \
             const T* restrict d1 = d0 + W * O;                                           \
             FN_WINO_PTRS16(T, m, dM + t * O, TO)                                         \
-            _Pragma("omp simd reduction(+:probe)")                                                          \
+            _Pragma("omp simd reduction(|:bad)")                                                          \
             for (ptrdiff_t o = 0; o < O; o++) {                                          \
                 /* rows of A dY: dY0, dY0 + dY1, dY0 - dY1, -dY1 */                      \
                 T e00 = d0[o], e01 = d0[O + o];                                          \
                 T e10 = d0[o] + d1[o], e11 = d0[O + o] + d1[O + o];                      \
                 T e20 = d0[o] - d1[o], e21 = d0[O + o] - d1[O + o];                      \
                 T e30 = -d1[o], e31 = -d1[O + o];                                        \
-                probe += (d0[o] + d0[O + o] + d1[o] + d1[O + o]) * 0;                \
+                bad |= fn_nonfinite_##S(d0[o]) | fn_nonfinite_##S(d0[O + o])           \
+                       | fn_nonfinite_##S(d1[o]) | fn_nonfinite_##S(d1[O + o]);         \
                 /* then (.) A^T: r0, r0 + r1, r0 - r1, -r1 */                            \
                 m0[o] = e00;  m1[o] = e00 + e01;                         \
                 m2[o] = e00 - e01;  m3[o] = -e01;                        \
@@ -123,7 +142,7 @@ static __attribute__((noinline)) T fn_wino_grad_output_##S(const T* restrict D, 
                 m14[o] = e30 - e31; m15[o] = -e31;                       \
             }                                                                            \
         }                                                                                \
-    return probe;                                                                        \
+    return bad;                                                                          \
 }                                                                                        \
                                                                                          \
 /* Add B dV B^T of each tile into the padded sample gradient P ((H+2) x (W+2) x C,      \
@@ -176,5 +195,74 @@ static __attribute__((noinline)) void fn_wino_grad_input_##S(const T* restrict d
 FN_WINO_FUNCS(float, f32)
 FN_WINO_FUNCS(double, f64)
 #pragma GCC pop_options
+
+
+/* dst[j * ld + i] = src[i * ls + j] for i < R, j < K: a transpose, by 8x8 blocks of
+ * AVX registers in the AVX2 build (an NCHW sample to channel-last and back, four times
+ * per convolution and sample; one value at a time they took a sixth of Winograd's
+ * backward), scalar, stores in order, elsewhere. */
+#ifdef __AVX2__
+#include <immintrin.h>
+static inline void fn_t8x8_f32(const float* s, ptrdiff_t ls, float* d, ptrdiff_t ld)
+{
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ls);
+    __m256 r2 = _mm256_loadu_ps(s + 2 * ls), r3 = _mm256_loadu_ps(s + 3 * ls);
+    __m256 r4 = _mm256_loadu_ps(s + 4 * ls), r5 = _mm256_loadu_ps(s + 5 * ls);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * ls), r7 = _mm256_loadu_ps(s + 7 * ls);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+static void fn_transpose_f32(const float* src, ptrdiff_t ls, float* dst, ptrdiff_t ld,
+                             ptrdiff_t R, ptrdiff_t K)
+{
+    ptrdiff_t i0 = 0, j0 = 0;
+#ifdef __AVX2__
+    for (i0 = 0; i0 + 8 <= R; i0 += 8)
+        for (j0 = 0; j0 + 8 <= K; j0 += 8)
+            fn_t8x8_f32(src + i0 * ls + j0, ls, dst + j0 * ld + i0, ld);
+    /* the rest: columns j >= K8 of every row, rows i >= R8 of the first K8 columns */
+    ptrdiff_t R8 = R - R % 8, K8 = K - K % 8;
+    for (ptrdiff_t j = K8; j < K; j++)
+        for (ptrdiff_t i = 0; i < R; i++)
+            dst[j * ld + i] = src[i * ls + j];
+    for (ptrdiff_t j = 0; j < K8; j++)
+        for (ptrdiff_t i = R8; i < R; i++)
+            dst[j * ld + i] = src[i * ls + j];
+#else
+    (void)i0;
+    (void)j0;
+    for (ptrdiff_t j = 0; j < K; j++)
+        for (ptrdiff_t i = 0; i < R; i++)
+            dst[j * ld + i] = src[i * ls + j];
+#endif
+}
+
+static void fn_transpose_f64(const double* src, ptrdiff_t ls, double* dst, ptrdiff_t ld,
+                             ptrdiff_t R, ptrdiff_t K)
+{
+    for (ptrdiff_t j = 0; j < K; j++)
+        for (ptrdiff_t i = 0; i < R; i++)
+            dst[j * ld + i] = src[i * ls + j];
+}
 
 #endif

@@ -40,14 +40,15 @@ def wino_groups(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W):
     return (N + per - 1) // per
 
 
-cdef real _wino_pad_sample(const real* x, real* P, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                           Py_ssize_t sC, Py_ssize_t sH, Py_ssize_t sW) noexcept nogil:
+cdef int _wino_pad_sample(const real* x, real* P, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t sC, Py_ssize_t sH, Py_ssize_t sW) noexcept nogil:
     """The sample into the interior of P, (H+2) x (W+2) x C channel-last (its border
-    zeroed by the caller once).  Returns NaN when the sample holds a value that is not
+    zeroed by the caller once).  Returns 1 when the sample holds a value that is not
     finite, else 0."""
     cdef Py_ssize_t h, w, c
     cdef real* row
-    cdef real v, probe = 0
+    cdef real v
+    cdef int bad = 0
     for h in range(H):
         row = P + ((h + 1) * (W + 2) + 1) * C
         if sC == 1:
@@ -55,14 +56,18 @@ cdef real _wino_pad_sample(const real* x, real* P, Py_ssize_t C, Py_ssize_t H, P
                 for c in range(C):
                     v = x[h * sH + w * sW + c]
                     row[w * C + c] = v
-                    probe += v * 0
+                    bad |= _nonfinite(v)
+        elif sW == 1:  # channel planes: a transpose
+            _transpose(x + h * sH, sC, row, C, C, W)
+            for w in range(W * C):
+                bad |= _nonfinite(row[w])
         else:  # stores in order, loads strided: stores out of order were 3x as slow
             for w in range(W):
                 for c in range(C):
                     v = x[c * sC + h * sH + w * sW]
                     row[w * C + c] = v
-                    probe += v * 0
-    return probe
+                    bad |= _nonfinite(v)
+    return bad
 
 
 cdef extern from "_wino.h" nogil:
@@ -74,9 +79,15 @@ cdef extern from "_wino.h" nogil:
                             Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO)
     void fn_wino_output_f64(const double* M, double* Y, Py_ssize_t O, Py_ssize_t H,
                             Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO)
-    float fn_wino_grad_output_f32(const float* D, float* dM, Py_ssize_t O, Py_ssize_t H,
+    int fn_nonfinite_f32(float v)
+    int fn_nonfinite_f64(double v)
+    void fn_transpose_f32(const float* src, Py_ssize_t ls, float* dst, Py_ssize_t ld,
+                          Py_ssize_t R, Py_ssize_t K)
+    void fn_transpose_f64(const double* src, Py_ssize_t ls, double* dst, Py_ssize_t ld,
+                          Py_ssize_t R, Py_ssize_t K)
+    int fn_wino_grad_output_f32(const float* D, float* dM, Py_ssize_t O, Py_ssize_t H,
                                  Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO)
-    double fn_wino_grad_output_f64(const double* D, double* dM, Py_ssize_t O, Py_ssize_t H,
+    int fn_wino_grad_output_f64(const double* D, double* dM, Py_ssize_t O, Py_ssize_t H,
                                  Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO)
     void fn_wino_grad_input_f32(const float* dV, float* P, Py_ssize_t C, Py_ssize_t H,
                                 Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TC)
@@ -100,9 +111,16 @@ cdef inline void _wino_output(const real* M, real* Y, Py_ssize_t O, Py_ssize_t H
         fn_wino_output_f64(M, Y, O, H, W, t0, TO)
 
 
-cdef inline real _wino_grad_output(const real* D, real* dM, Py_ssize_t O, Py_ssize_t H,
-                                   Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO) noexcept nogil:
-    """dM of a sample; returns NaN when D holds a value that is not finite, else 0."""
+cdef inline int _nonfinite(real v) noexcept nogil:
+    if real is float:
+        return fn_nonfinite_f32(v)
+    else:
+        return fn_nonfinite_f64(v)
+
+
+cdef inline int _wino_grad_output(const real* D, real* dM, Py_ssize_t O, Py_ssize_t H,
+                                  Py_ssize_t W, Py_ssize_t t0, Py_ssize_t TO) noexcept nogil:
+    """dM of a sample; returns 1 when D holds a value that is not finite, else 0."""
     if real is float:
         return fn_wino_grad_output_f32(D, dM, O, H, W, t0, TO)
     else:
@@ -117,21 +135,24 @@ cdef inline void _wino_grad_input(const real* dV, real* P, Py_ssize_t C, Py_ssiz
         fn_wino_grad_input_f64(dV, P, C, H, W, t0, TC)
 
 
+cdef inline void _transpose(const real* src, Py_ssize_t ls, real* dst, Py_ssize_t ld,
+                            Py_ssize_t R, Py_ssize_t K) noexcept nogil:
+    """dst[j * ld + i] = src[i * ls + j] for i < R, j < K."""
+    if real is float:
+        fn_transpose_f32(src, ls, dst, ld, R, K)
+    else:
+        fn_transpose_f64(src, ls, dst, ld, R, K)
+
+
 cdef inline void _to_channels_last(const real* x, real* out, Py_ssize_t C, Py_ssize_t HW,
                                    Py_ssize_t sC) noexcept nogil:
     """out (HW x C) from a channel-planar sample x (C planes of HW values, sC apart)."""
-    cdef Py_ssize_t c, i
-    for i in range(HW):  # stores in order
-        for c in range(C):
-            out[i * C + c] = x[c * sC + i]
+    _transpose(x, sC, out, C, C, HW)
 
 
 cdef inline void _to_planes(const real* x, real* out, Py_ssize_t C, Py_ssize_t HW) noexcept nogil:
     """out (C planes of HW values) from a channel-last sample x (HW x C)."""
-    cdef Py_ssize_t c, i
-    for c in range(C):  # stores in order
-        for i in range(HW):
-            out[c * HW + i] = x[i * C + c]
+    _transpose(x, C, out, HW, HW, C)
 
 
 cdef bint _wino_forward_group(const real* x, const real* U, real* V, real* y, real* buf,
@@ -212,10 +233,9 @@ cdef bint _wino_backward_group(const real* g, const real* U, const real* V, real
                 for i in range(W * C):
                     dx[n * HW * C + h * W * C + i] = P[((h + 1) * (W + 2) + 1) * C + i]
         else:
-            for h in range(H):
-                for i in range(W * C):  # the interior row, channel-last, into the planes
-                    Dc[h * W * C + i] = P[((h + 1) * (W + 2) + 1) * C + i]
-            _to_planes(Dc, dx + n * C * HW, C, HW)
+            for h in range(H):  # each interior row (W x C) into row h of the C planes
+                _transpose(P + ((h + 1) * (W + 2) + 1) * C, C, dx + n * C * HW + h * W, HW,
+                           W, C)
     return True
 
 
