@@ -507,6 +507,24 @@ def test_conv2d_winograd_matches_im2col(layout, dtype, case, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_conv2d_winograd_empty_batch(layout):
+    """An empty batch (a rank of a data-parallel step can get no samples): empty output
+    and input gradient, a zero weight gradient."""
+    pytest.importorskip("fastnorm._ext.infer")
+    from fastnorm import ops
+    for dtype in (np.float32, np.float64):
+        x = fn.Tensor(np.zeros((0, 8, 4, 6) if layout == "NCHW" else (0, 4, 6, 8), dtype),
+                      requires_grad=True)
+        w = fn.Tensor(np.ones((3, 8, 3, 3), dtype), requires_grad=True)
+        assert ops._winograd(w.shape, (1, 1), (1, 1), (4, 6), True)
+        y = ops.conv2d(x, w, padding=1, layout=layout)
+        y.backward(np.zeros(y.shape, dtype))
+        assert y.shape == ((0, 3, 4, 6) if layout == "NCHW" else (0, 4, 6, 3))
+        assert x.grad.shape == x.shape
+        np.testing.assert_array_equal(w.grad, np.zeros((3, 8, 3, 3), dtype))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("where", ["input", "gradient"])
 def test_conv2d_winograd_leaves_non_finite_values_to_im2col(layout, where, monkeypatch):
     """The transforms would turn an inf into NaNs where the direct sum gives inf: a

@@ -452,8 +452,8 @@ cdef int _wino_kernel_grad_loop(const real* dU, Py_ssize_t ng, real* dw, Py_ssiz
     cdef real* acc = <real*>malloc(n * sizeof(real))
     if acc == NULL:
         return -1
-    for i in range(n):  # the groups' partial sums, added in group order
-        acc[i] = dU[i]
+    for i in range(n):  # the groups' partial sums, added in group order (none: zeros)
+        acc[i] = dU[i] if ng > 0 else 0
     for gi in range(1, ng):
         for i in range(n):
             acc[i] = acc[i] + dU[gi * n + i]
