@@ -302,8 +302,8 @@ class CompiledBackend:
         nt = self._threads(x.size)
         P, M, G, Kc, Ks = dims
         dyf, xf = dy.reshape(-1), x.reshape(-1)
-        wk = None if weight is None else weight.astype(np.float64).reshape(G, Kc)
         if self._is_columns(dims):
+            wk = None if weight is None else weight.astype(np.float64).reshape(G, Kc)
             W = G * Kc
             nch = self._nch(dims)
             mean_w = np.repeat(mean.reshape(P, G), Kc, axis=1).reshape(-1)
