@@ -1,5 +1,7 @@
 """One training epoch on the digits, fastnorm vs PyTorch: same model, batch size,
-optimizer (Adam, lr 1e-3), data order and thread count.
+optimizer (Adam, lr 1e-3), data order and thread count (``--threads``; fastnorm runs each
+step on those threads or on one, whichever its recent steps ran faster with, as
+``fastnorm.train.fit`` does: ``train.StepThreads``).
 
 Groups ``train epoch {mlp,cnn} {NCHW,NHWC}``; each implementation runs in its own block
 after one warm-up epoch, all fastnorm epochs before any PyTorch one: once PyTorch has run,
@@ -39,12 +41,14 @@ def _fastnorm_epoch(model_name, layout, x, y):
     x = train.to_layout(x, layout)
     train.keep_freed_memory()  # as fastnorm.train.fit runs it
 
-    def epoch():  # run inside train._blas_single_thread(), as fastnorm.train.fit does
-        for i in range(0, len(x) - 1, BATCH):
+    def epoch(threads):  # run inside train._blas_single_thread(), as fit does, and with
+        for i in range(0, len(x) - 1, BATCH):  # its choice of threads per step
+            threads.start()
             loss = cross_entropy(model(x[i:i + BATCH]), y[i:i + BATCH])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            threads.stop()
     return epoch
 
 
@@ -94,9 +98,11 @@ def test_train_epoch(benchmark, threads, digits, impl, model_name, layout):
             benchmark.pedantic(epoch, rounds=5, iterations=1)
         return
     epoch = _fastnorm_epoch(model_name, layout, x, y)
-    # BLAS on one thread and the older objects frozen for the collector, entered once
-    # for the whole run as fit enters them (threadpoolctl takes ~0.8 ms per entry: 2% of
-    # an epoch if entered per epoch; a full collection ~45 ms every 5-10 epochs)
-    with train._blas_single_thread(), train._objects_frozen():
-        epoch()
-        benchmark.pedantic(epoch, rounds=5, iterations=1)
+    # BLAS on one thread, the older objects frozen for the collector and the steps'
+    # thread count chosen by their speed (train.StepThreads: at most --threads), entered
+    # once for the whole run as fit enters them (threadpoolctl takes ~0.8 ms per entry:
+    # 2% of an epoch if entered per epoch; a full collection ~45 ms every 5-10 epochs)
+    with train._blas_single_thread(), train._objects_frozen(), train.StepThreads() as st:
+        epoch(st)
+        benchmark.pedantic(epoch, args=(st,), rounds=5, iterations=1)
+        benchmark.extra_info["step_seconds"] = {str(c): st.estimate(c) for c in st.counts}

@@ -335,7 +335,10 @@ def build_parser():
                    default="batch")
     s.add_argument("--layout", default="NCHW", help="NCHW or NHWC")
     s.add_argument("--backend", default=None, help="cython, numba or numpy")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None,
+                   help="at most this many threads (default: the CPUs); each step runs on "
+                        "them or on one, whichever recent steps ran faster with (the "
+                        "results are the same)")
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-3)

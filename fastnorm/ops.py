@@ -1205,8 +1205,10 @@ class Conv2d(Function):
         g = np.ascontiguousarray(grad)
         dU = np.empty((_infer.wino_groups(N, *out_hw), 16, C, O), g.dtype) if nw else None
         gx = np.empty(xshape, g.dtype) if nx else None
+        # threads as for the forward: by the transformed values (4x the input's and the
+        # output gradient's)
         if not _on_threads(_infer.wino_backward,
-                           _helper_threads(N * out_hw[0] * out_hw[1] * max(C, O)),
+                           _helper_threads(4 * N * out_hw[0] * out_hw[1] * (C + O)),
                            g, U, V, gx, dU, nhwc):  # g not finite: im2col's backward
             x, weight = ctx.winograd
             K, P = C * 9, out_hw[0] * out_hw[1]

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from . import _config
 from . import data as _data
 
 NORMS = ("batch", "group", "layer", "instance", "rms", "none")
@@ -151,7 +152,7 @@ def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
     opt = make_optimizer(optimizer, model.parameters(), lr)
     history = []
     keep_freed_memory()
-    with _blas_single_thread(), _objects_frozen():
+    with _blas_single_thread(), _objects_frozen(), StepThreads() as threads:
         for epoch in range(1, epochs + 1):
             if schedule == "cosine":  # from lr towards 0 over the run, set per epoch
                 for group in opt.param_groups:
@@ -170,6 +171,7 @@ def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
             for xb, yb, n in steps:
                 if n < 2:  # a batch of one has no batch statistics
                     continue
+                threads.start()
                 logits = model(xb)
                 if distributed:
                     loss = cross_entropy(logits, yb, reduction="sum") * (1.0 / n)
@@ -180,6 +182,7 @@ def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
                 if distributed:
                     dist.allreduce_gradients(model, comm=comm, average=False)
                 opt.step()
+                threads.stop()
                 total += float(loss.data) * n
                 correct += int((logits.data.argmax(1) == yb).sum())
                 seen += len(xb)
@@ -195,6 +198,74 @@ def fit(model, train, test, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
             log(f"epoch {epoch:3d}  loss {m['train_loss']:.4f}  train acc {m['train_acc']:.4f}  "
                 f"test acc {test_acc:.4f}  {m['samples_per_s']:8.0f} samples/s")
     return history
+
+
+class StepThreads:
+    """Runs each training step on the kernels' threads or on one, whichever the recent
+    steps ran faster with (a context manager; ``start()``/``stop()`` around each step).
+
+    Results do not depend on the thread count (work is split by problem size only, see
+    ``fastnorm._config``), so the choice changes speed only.  Why: on the shared 2-core
+    VM this project is measured on, a digits CNN epoch took 27.5 ms on two threads in
+    some minutes and 43-48 ms in others, against 38-39 ms on one thread in either: a step
+    makes ~20 short parallel passes, and in the slow minutes the second core joined each
+    one late (a tight loop of one pass kept its 1.5-1.7x from the second thread).
+
+    Each count's step time is the median of its last 3 timed steps; the faster count
+    runs, and every ``probe`` steps two steps run with the other count, the second timed
+    (the first after a switch pays for it: a woken thread, activations in the other
+    core's cache; timing it kept the choice where it was).  The thread count set before
+    (``fastnorm.set_num_threads``) is restored on exit.  The setting is process-wide:
+    kernels called from other Python threads meanwhile get the same count."""
+
+    def __init__(self, probe=48, clock=time.perf_counter):
+        self.probe = probe
+        self.clock = clock
+        self.threads = _config.get_num_threads()
+        self.counts = (self.threads, 1) if self.threads > 1 else (self.threads,)
+        self.times = {c: [] for c in self.counts}
+        self.steps = 0
+        self.current = self.threads
+        self._timed = False
+        self._t0 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _config.set_num_threads(self.threads)
+        return False
+
+    def estimate(self, count):
+        """The median of the last 3 step times with ``count`` threads (None: none yet)."""
+        t = sorted(self.times[count])
+        return t[len(t) // 2] if t else None
+
+    def choice(self):
+        """(thread count for the next step, whether to time it)."""
+        if len(self.counts) == 1:
+            return self.threads, False
+        phase = self.steps % self.probe
+        untried = [c for c in self.counts if not self.times[c]]
+        if untried:  # the first steps: two with each count
+            return untried[0], phase % 2 == 1
+        best = min(self.counts, key=self.estimate)
+        other = self.counts[1] if best == self.counts[0] else self.counts[0]
+        if phase >= self.probe - 2:
+            return other, phase == self.probe - 1
+        return best, True
+
+    def start(self):
+        self.current, self._timed = self.choice()
+        _config.set_num_threads(self.current)
+        self._t0 = self.clock()
+
+    def stop(self):
+        if self._timed:
+            times = self.times[self.current]
+            times.append(self.clock() - self._t0)
+            del times[:-3]
+        self.steps += 1
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -193,3 +193,52 @@ def test_fit_freezes_older_objects_for_the_collector_only_while_it_trains():
     with pytest.raises(ValueError, match="class index 99"):
         train.fit(model, (x, bad), test, epochs=1, progress=False, log=log)
     assert gc.get_freeze_count() == 0
+
+
+class _Clock:
+    """A fake clock whose steps take the time the test gives each thread count."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def __call__(self):
+        return self.now
+
+    def run(self, threads, steps):
+        from fastnorm import _config
+        chosen = []
+        for _ in range(steps):
+            threads.start()
+            chosen.append(_config.get_num_threads())
+            self.now += self.cost[chosen[-1]]
+            threads.stop()
+        return chosen
+
+
+def test_step_threads_follows_the_faster_count(monkeypatch):
+    """StepThreads runs the steps with the thread count whose recent timed steps were
+    faster, probes the other every `probe` steps (two steps, the second timed), switches
+    when the speeds swap, and restores the count set before, also on error."""
+    from fastnorm import _config, train
+    monkeypatch.setattr(_config, "_num_threads", 2)
+    clock = _Clock({2: 1.0, 1: 1.6})
+    with train.StepThreads(probe=8, clock=clock) as threads:
+        chosen = clock.run(threads, 4)
+        assert chosen == [2, 2, 1, 1]  # each count tried, the second step of each timed
+        chosen = clock.run(threads, 28)
+        assert chosen.count(1) == 8  # two steps per probe, four probes
+        assert all(c == 2 for i, c in enumerate(chosen, 4) if i % 8 < 6)
+        clock.cost = {2: 1.6, 1: 1.0}  # the second core slows down
+        chosen = clock.run(threads, 32)
+        assert chosen[-8:-2] == [1] * 6  # one thread once two probes timed it faster
+        assert threads.estimate(1) == pytest.approx(1.0)
+        assert threads.estimate(2) == pytest.approx(1.6)
+    assert _config.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with train.StepThreads(probe=8, clock=clock) as threads:
+            clock.run(threads, 3)
+            raise RuntimeError("a failing step")
+    assert _config.get_num_threads() == 2
+    monkeypatch.setattr(_config, "_num_threads", 1)  # one thread: nothing to choose
+    with train.StepThreads(probe=8, clock=clock) as threads:
+        assert clock.run(threads, 10) == [1] * 10
