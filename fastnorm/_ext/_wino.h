@@ -39,152 +39,153 @@ static inline int fn_nonfinite_f64(double v)
     T* restrict n##14 = (base) + 14 * (stride); T* restrict n##15 = (base) + 15 * (stride);
 #define FN_WINO_CPTRS16(T, n, base, stride) FN_WINO_PTRS16(const T, n, base, stride)
 
+/* Each 2x2 output tile (ty, tx) of an H x W sample, t counting the tiles from t0. */
+#define FN_WINO_FOR_TILES(H, W, t0)                                                      \
+    for (ptrdiff_t ty = 0, t = (t0); ty < (H) / 2; ty++)                                 \
+        for (ptrdiff_t tx = 0; tx < (W) / 2; tx++, t++)
+
 #define FN_WINO_FUNCS(T, S)                                                              \
 /* V[xi, t0 + tile, c] = (B^T d B)[xi] for each 4x4 patch d of the padded sample P     \
  * ((H+2) x (W+2) x C); xi strided by TC values. */                                      \
-static __attribute__((noinline)) void fn_wino_input_##S(const T* restrict P, T* restrict V, ptrdiff_t C,          \
-                              ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TC)     \
+static __attribute__((noinline)) void                                                 \
+fn_wino_input_##S(const T* restrict P, T* restrict V, ptrdiff_t C,                       \
+                  ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TC)                  \
 {                                                                                        \
     const ptrdiff_t Wp = W + 2;                                                          \
-    ptrdiff_t t = t0;                                                                    \
-    for (ptrdiff_t ty = 0; ty < H / 2; ty++)                                             \
-        for (ptrdiff_t tx = 0; tx < W / 2; tx++, t++) {                                  \
-            const T* restrict r0 = P + ((2 * ty) * Wp + 2 * tx) * C;                     \
-            const T* restrict r1 = r0 + Wp * C;                                          \
-            const T* restrict r2 = r1 + Wp * C;                                          \
-            const T* restrict r3 = r2 + Wp * C;                                          \
-            FN_WINO_PTRS16(T, v, V + t * C, TC)                                          \
-            _Pragma("omp simd")                                                          \
-            for (ptrdiff_t c = 0; c < C; c++) {                                          \
-                /* B^T d, column by column */                                            \
-                T a00 = r0[c] - r2[c], a01 = r0[C + c] - r2[C + c];                      \
-                T a02 = r0[2 * C + c] - r2[2 * C + c], a03 = r0[3 * C + c] - r2[3 * C + c]; \
-                T a10 = r1[c] + r2[c], a11 = r1[C + c] + r2[C + c];                      \
-                T a12 = r1[2 * C + c] + r2[2 * C + c], a13 = r1[3 * C + c] + r2[3 * C + c]; \
-                T a20 = r2[c] - r1[c], a21 = r2[C + c] - r1[C + c];                      \
-                T a22 = r2[2 * C + c] - r1[2 * C + c], a23 = r2[3 * C + c] - r1[3 * C + c]; \
-                T a30 = r1[c] - r3[c], a31 = r1[C + c] - r3[C + c];                      \
-                T a32 = r1[2 * C + c] - r3[2 * C + c], a33 = r1[3 * C + c] - r3[3 * C + c]; \
-                /* then (.) B, row by row */                                             \
-                v0[c] = a00 - a02;  v1[c] = a01 + a02;                   \
-                v2[c] = a02 - a01;  v3[c] = a01 - a03;                   \
-                v4[c] = a10 - a12;  v5[c] = a11 + a12;                   \
-                v6[c] = a12 - a11;  v7[c] = a11 - a13;                   \
-                v8[c] = a20 - a22;  v9[c] = a21 + a22;                   \
-                v10[c] = a22 - a21; v11[c] = a21 - a23;                  \
-                v12[c] = a30 - a32; v13[c] = a31 + a32;                  \
-                v14[c] = a32 - a31; v15[c] = a31 - a33;                  \
-            }                                                                            \
+    FN_WINO_FOR_TILES(H, W, t0) {                                                        \
+        const T* restrict r0 = P + ((2 * ty) * Wp + 2 * tx) * C;                         \
+        const T* restrict r1 = r0 + Wp * C;                                              \
+        const T* restrict r2 = r1 + Wp * C;                                              \
+        const T* restrict r3 = r2 + Wp * C;                                              \
+        FN_WINO_PTRS16(T, v, V + t * C, TC)                                              \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t c = 0; c < C; c++) {                                              \
+            /* B^T d, column by column */                                                \
+            T a00 = r0[c] - r2[c], a01 = r0[C + c] - r2[C + c];                          \
+            T a02 = r0[2 * C + c] - r2[2 * C + c], a03 = r0[3 * C + c] - r2[3 * C + c];  \
+            T a10 = r1[c] + r2[c], a11 = r1[C + c] + r2[C + c];                          \
+            T a12 = r1[2 * C + c] + r2[2 * C + c], a13 = r1[3 * C + c] + r2[3 * C + c];  \
+            T a20 = r2[c] - r1[c], a21 = r2[C + c] - r1[C + c];                          \
+            T a22 = r2[2 * C + c] - r1[2 * C + c], a23 = r2[3 * C + c] - r1[3 * C + c];  \
+            T a30 = r1[c] - r3[c], a31 = r1[C + c] - r3[C + c];                          \
+            T a32 = r1[2 * C + c] - r3[2 * C + c], a33 = r1[3 * C + c] - r3[3 * C + c];  \
+            /* then (.) B, row by row */                                                 \
+            v0[c] = a00 - a02;  v1[c] = a01 + a02;                                       \
+            v2[c] = a02 - a01;  v3[c] = a01 - a03;                                       \
+            v4[c] = a10 - a12;  v5[c] = a11 + a12;                                       \
+            v6[c] = a12 - a11;  v7[c] = a11 - a13;                                       \
+            v8[c] = a20 - a22;  v9[c] = a21 + a22;                                       \
+            v10[c] = a22 - a21; v11[c] = a21 - a23;                                      \
+            v12[c] = a30 - a32; v13[c] = a31 + a32;                                      \
+            v14[c] = a32 - a31; v15[c] = a31 - a33;                                      \
         }                                                                                \
+    }                                                                                    \
 }                                                                                        \
                                                                                          \
 /* Y (H x W x O, channel-last) = A^T M A for each tile of a sample, its tiles from t0   \
  * in M (xi strided by TO values). */                                                    \
-static __attribute__((noinline)) void fn_wino_output_##S(const T* restrict M, T* restrict Y, ptrdiff_t O,         \
-                               ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TO)    \
+static __attribute__((noinline)) void                                                 \
+fn_wino_output_##S(const T* restrict M, T* restrict Y, ptrdiff_t O,                      \
+                   ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TO)                 \
 {                                                                                        \
-    ptrdiff_t t = t0;                                                                    \
-    for (ptrdiff_t ty = 0; ty < H / 2; ty++)                                             \
-        for (ptrdiff_t tx = 0; tx < W / 2; tx++, t++) {                                  \
-            FN_WINO_CPTRS16(T, m, M + t * O, TO)                                         \
-            T* restrict y0 = Y + ((2 * ty) * W + 2 * tx) * O;                            \
-            T* restrict y1 = y0 + W * O;                                                 \
-            _Pragma("omp simd")                                                          \
-            for (ptrdiff_t o = 0; o < O; o++) {                                          \
-                /* A^T m, column by column */                                            \
-                T q00 = m0[o] + m4[o] + m8[o];                   \
-                T q01 = m1[o] + m5[o] + m9[o];                   \
-                T q02 = m2[o] + m6[o] + m10[o];                  \
-                T q03 = m3[o] + m7[o] + m11[o];                  \
-                T q10 = m4[o] - m8[o] - m12[o];                  \
-                T q11 = m5[o] - m9[o] - m13[o];                  \
-                T q12 = m6[o] - m10[o] - m14[o];                 \
-                T q13 = m7[o] - m11[o] - m15[o];                 \
-                y0[o] = q00 + q01 + q02;                                                 \
-                y0[O + o] = q01 - q02 - q03;                                             \
-                y1[o] = q10 + q11 + q12;                                                 \
-                y1[O + o] = q11 - q12 - q13;                                             \
-            }                                                                            \
+    FN_WINO_FOR_TILES(H, W, t0) {                                                        \
+        FN_WINO_CPTRS16(T, m, M + t * O, TO)                                             \
+        T* restrict y0 = Y + ((2 * ty) * W + 2 * tx) * O;                                \
+        T* restrict y1 = y0 + W * O;                                                     \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t o = 0; o < O; o++) {                                              \
+            /* A^T m, column by column */                                                \
+            T q00 = m0[o] + m4[o] + m8[o];                                               \
+            T q01 = m1[o] + m5[o] + m9[o];                                               \
+            T q02 = m2[o] + m6[o] + m10[o];                                              \
+            T q03 = m3[o] + m7[o] + m11[o];                                              \
+            T q10 = m4[o] - m8[o] - m12[o];                                              \
+            T q11 = m5[o] - m9[o] - m13[o];                                              \
+            T q12 = m6[o] - m10[o] - m14[o];                                             \
+            T q13 = m7[o] - m11[o] - m15[o];                                             \
+            y0[o] = q00 + q01 + q02;                                                     \
+            y0[O + o] = q01 - q02 - q03;                                                 \
+            y1[o] = q10 + q11 + q12;                                                     \
+            y1[O + o] = q11 - q12 - q13;                                                 \
         }                                                                                \
+    }                                                                                    \
 }                                                                                        \
                                                                                          \
 /* dM[xi, t0 + tile, o] = (A dY A^T)[xi] for each tile of a sample's output gradient D \
- * (H x W x O, channel-last): the adjoint of fn_wino_output.  Returns 1 when D holds
- * a value that is not finite, else 0. */                          \
-static __attribute__((noinline)) int fn_wino_grad_output_##S(const T* restrict D, T* restrict dM, ptrdiff_t O, \
-                                    ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0,             \
-                                    ptrdiff_t TO)                                        \
+ * (H x W x O, channel-last): the adjoint of fn_wino_output.  Returns 1 when D holds  \
+ * a value that is not finite, else 0. */                                                \
+static __attribute__((noinline)) int                                                  \
+fn_wino_grad_output_##S(const T* restrict D, T* restrict dM, ptrdiff_t O,                \
+                        ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0,                          \
+                        ptrdiff_t TO)                                                    \
 {                                                                                        \
     int bad = 0;  /* 1 when a value of D is not finite */                                \
-    ptrdiff_t t = t0;                                                                    \
-    for (ptrdiff_t ty = 0; ty < H / 2; ty++)                                             \
-        for (ptrdiff_t tx = 0; tx < W / 2; tx++, t++) {                                  \
-            const T* restrict d0 = D + ((2 * ty) * W + 2 * tx) * O;                      \
-            const T* restrict d1 = d0 + W * O;                                           \
-            FN_WINO_PTRS16(T, m, dM + t * O, TO)                                         \
-            _Pragma("omp simd reduction(|:bad)")                                                          \
-            for (ptrdiff_t o = 0; o < O; o++) {                                          \
-                /* rows of A dY: dY0, dY0 + dY1, dY0 - dY1, -dY1 */                      \
-                T e00 = d0[o], e01 = d0[O + o];                                          \
-                T e10 = d0[o] + d1[o], e11 = d0[O + o] + d1[O + o];                      \
-                T e20 = d0[o] - d1[o], e21 = d0[O + o] - d1[O + o];                      \
-                T e30 = -d1[o], e31 = -d1[O + o];                                        \
-                bad |= fn_nonfinite_##S(d0[o]) | fn_nonfinite_##S(d0[O + o])           \
-                       | fn_nonfinite_##S(d1[o]) | fn_nonfinite_##S(d1[O + o]);         \
-                /* then (.) A^T: r0, r0 + r1, r0 - r1, -r1 */                            \
-                m0[o] = e00;  m1[o] = e00 + e01;                         \
-                m2[o] = e00 - e01;  m3[o] = -e01;                        \
-                m4[o] = e10;  m5[o] = e10 + e11;                         \
-                m6[o] = e10 - e11;  m7[o] = -e11;                        \
-                m8[o] = e20;  m9[o] = e20 + e21;                         \
-                m10[o] = e20 - e21; m11[o] = -e21;                       \
-                m12[o] = e30; m13[o] = e30 + e31;                        \
-                m14[o] = e30 - e31; m15[o] = -e31;                       \
-            }                                                                            \
+    FN_WINO_FOR_TILES(H, W, t0) {                                                        \
+        const T* restrict d0 = D + ((2 * ty) * W + 2 * tx) * O;                          \
+        const T* restrict d1 = d0 + W * O;                                               \
+        FN_WINO_PTRS16(T, m, dM + t * O, TO)                                             \
+        _Pragma("omp simd reduction(|:bad)")                                             \
+        for (ptrdiff_t o = 0; o < O; o++) {                                              \
+            /* rows of A dY: dY0, dY0 + dY1, dY0 - dY1, -dY1 */                          \
+            T e00 = d0[o], e01 = d0[O + o];                                              \
+            T e10 = d0[o] + d1[o], e11 = d0[O + o] + d1[O + o];                          \
+            T e20 = d0[o] - d1[o], e21 = d0[O + o] - d1[O + o];                          \
+            T e30 = -d1[o], e31 = -d1[O + o];                                            \
+            bad |= fn_nonfinite_##S(d0[o]) | fn_nonfinite_##S(d0[O + o])                 \
+                   | fn_nonfinite_##S(d1[o]) | fn_nonfinite_##S(d1[O + o]);              \
+            /* then (.) A^T: r0, r0 + r1, r0 - r1, -r1 */                                \
+            m0[o] = e00;  m1[o] = e00 + e01;                                             \
+            m2[o] = e00 - e01;  m3[o] = -e01;                                            \
+            m4[o] = e10;  m5[o] = e10 + e11;                                             \
+            m6[o] = e10 - e11;  m7[o] = -e11;                                            \
+            m8[o] = e20;  m9[o] = e20 + e21;                                             \
+            m10[o] = e20 - e21; m11[o] = -e21;                                           \
+            m12[o] = e30; m13[o] = e30 + e31;                                            \
+            m14[o] = e30 - e31; m15[o] = -e31;                                           \
         }                                                                                \
+    }                                                                                    \
     return bad;                                                                          \
 }                                                                                        \
                                                                                          \
 /* Add B dV B^T of each tile into the padded sample gradient P ((H+2) x (W+2) x C,      \
  * zeroed by the caller), tiles in order: the adjoint of fn_wino_input. */               \
-static __attribute__((noinline)) void fn_wino_grad_input_##S(const T* restrict dV, T* restrict P, ptrdiff_t C,    \
-                                   ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TC) \
+static __attribute__((noinline)) void                                                 \
+fn_wino_grad_input_##S(const T* restrict dV, T* restrict P, ptrdiff_t C,                 \
+                       ptrdiff_t H, ptrdiff_t W, ptrdiff_t t0, ptrdiff_t TC)             \
 {                                                                                        \
     const ptrdiff_t Wp = W + 2;                                                          \
-    ptrdiff_t t = t0;                                                                    \
-    for (ptrdiff_t ty = 0; ty < H / 2; ty++)                                             \
-        for (ptrdiff_t tx = 0; tx < W / 2; tx++, t++) {                                  \
-            FN_WINO_CPTRS16(T, v, dV + t * C, TC)                                        \
-            T* restrict p0 = P + ((2 * ty) * Wp + 2 * tx) * C;                           \
-            T* restrict p1 = p0 + Wp * C;                                                \
-            T* restrict p2 = p1 + Wp * C;                                                \
-            T* restrict p3 = p2 + Wp * C;                                                \
-            _Pragma("omp simd")                                                          \
-            for (ptrdiff_t c = 0; c < C; c++) {                                          \
-                /* rows of B dV: v0, v1 - v2 + v3, v1 + v2 - v0, -v3 (per column) */     \
-                T b00 = v0[c], b01 = v1[c];                              \
-                T b02 = v2[c], b03 = v3[c];                              \
-                T b10 = v4[c] - v8[c] + v12[c];                  \
-                T b11 = v5[c] - v9[c] + v13[c];                  \
-                T b12 = v6[c] - v10[c] + v14[c];                 \
-                T b13 = v7[c] - v11[c] + v15[c];                 \
-                T b20 = v4[c] + v8[c] - v0[c];                   \
-                T b21 = v5[c] + v9[c] - v1[c];                   \
-                T b22 = v6[c] + v10[c] - v2[c];                  \
-                T b23 = v7[c] + v11[c] - v3[c];                  \
-                T b30 = -v12[c], b31 = -v13[c];                          \
-                T b32 = -v14[c], b33 = -v15[c];                          \
-                /* then (.) B^T, added into the patch's rows */                          \
-                p0[c] += b00;  p0[C + c] += b01 - b02 + b03;                             \
-                p0[2 * C + c] += b01 + b02 - b00;  p0[3 * C + c] += -b03;                \
-                p1[c] += b10;  p1[C + c] += b11 - b12 + b13;                             \
-                p1[2 * C + c] += b11 + b12 - b10;  p1[3 * C + c] += -b13;                \
-                p2[c] += b20;  p2[C + c] += b21 - b22 + b23;                             \
-                p2[2 * C + c] += b21 + b22 - b20;  p2[3 * C + c] += -b23;                \
-                p3[c] += b30;  p3[C + c] += b31 - b32 + b33;                             \
-                p3[2 * C + c] += b31 + b32 - b30;  p3[3 * C + c] += -b33;                \
-            }                                                                            \
+    FN_WINO_FOR_TILES(H, W, t0) {                                                        \
+        FN_WINO_CPTRS16(T, v, dV + t * C, TC)                                            \
+        T* restrict p0 = P + ((2 * ty) * Wp + 2 * tx) * C;                               \
+        T* restrict p1 = p0 + Wp * C;                                                    \
+        T* restrict p2 = p1 + Wp * C;                                                    \
+        T* restrict p3 = p2 + Wp * C;                                                    \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t c = 0; c < C; c++) {                                              \
+            /* rows of B dV: v0, v1 - v2 + v3, v1 + v2 - v0, -v3 (per column) */         \
+            T b00 = v0[c], b01 = v1[c];                                                  \
+            T b02 = v2[c], b03 = v3[c];                                                  \
+            T b10 = v4[c] - v8[c] + v12[c];                                              \
+            T b11 = v5[c] - v9[c] + v13[c];                                              \
+            T b12 = v6[c] - v10[c] + v14[c];                                             \
+            T b13 = v7[c] - v11[c] + v15[c];                                             \
+            T b20 = v4[c] + v8[c] - v0[c];                                               \
+            T b21 = v5[c] + v9[c] - v1[c];                                               \
+            T b22 = v6[c] + v10[c] - v2[c];                                              \
+            T b23 = v7[c] + v11[c] - v3[c];                                              \
+            T b30 = -v12[c], b31 = -v13[c];                                              \
+            T b32 = -v14[c], b33 = -v15[c];                                              \
+            /* then (.) B^T, added into the patch's rows */                              \
+            p0[c] += b00;  p0[C + c] += b01 - b02 + b03;                                 \
+            p0[2 * C + c] += b01 + b02 - b00;  p0[3 * C + c] += -b03;                    \
+            p1[c] += b10;  p1[C + c] += b11 - b12 + b13;                                 \
+            p1[2 * C + c] += b11 + b12 - b10;  p1[3 * C + c] += -b13;                    \
+            p2[c] += b20;  p2[C + c] += b21 - b22 + b23;                                 \
+            p2[2 * C + c] += b21 + b22 - b20;  p2[3 * C + c] += -b23;                    \
+            p3[c] += b30;  p3[C + c] += b31 - b32 + b33;                                 \
+            p3[2 * C + c] += b31 + b32 - b30;  p3[3 * C + c] += -b33;                    \
         }                                                                                \
+    }                                                                                    \
 }
 
 /* Each value in a fixed order of adds, as written: the module is built with
