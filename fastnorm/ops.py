@@ -1008,9 +1008,10 @@ def _bmm(a, b, ta=False, tb=False, summed=False):
 
 def _on_threads(helper, nt, *args, **kwargs):
     """``helper(*args, nthreads=nt, **kwargs)``, a Cython helper making BLAS calls on
-    ``nt`` of the kernels' threads.  BLAS's own threads inside ours (OpenBLAS threads a product from
-    m*n*k = 256K, the size of one sample's product at (32,16,8,8) -> 32 channels) would
-    put two threads per core, so SciPy's BLAS runs on one thread around the call."""
+    ``nt`` of the kernels' threads.  BLAS's own threads inside ours (OpenBLAS threads a
+    product from m*n*k = 256K, the size of one sample's product at (32,16,8,8) -> 32
+    channels) would put two threads per core, so SciPy's BLAS runs on one thread around
+    the call."""
     ctl = _gemm_threads if nt > 1 else None
     before = ctl.get_num_threads() if ctl is not None else None
     if before is not None and before > 1:

@@ -1,7 +1,7 @@
 # Winograd F(2x2, 3x3) for the 3x3 convolutions of stride 1 and padding 1 with an even
 # output (included by _infer.pxi; BLAS from set_gemm).  Per 2x2 output tile and channel,
 # the 4x4 input patch d becomes V = B^T d B, the kernel g of each (out, in) channel pair
-# U = G g G^T (NumPy, fastnorm.ops), and for each of the 16 positions xi of the 4x4 tile
+# U = G g G^T (``wino_kernels``), and for each of the 16 positions xi of the 4x4 tile
 # one product M[xi] = V[xi] (tiles x C) @ U[xi] (C x O); the output tile is A^T M A.
 # 16 multiplications per tile and channel pair instead of 36, at the price of the
 # transforms (adds only):
@@ -11,7 +11,7 @@
 #           [0  1  0 -1]          [ 0    0    1 ]
 # The backward is the adjoint of each step: dM = A dY A^T, dV[xi] = dM[xi] @ U[xi]^T,
 # dd = B dV B^T added into the input gradient (the patches of neighbouring tiles
-# overlap), dU[xi] = V[xi]^T @ dM[xi] and dg = G^T dU G (NumPy).
+# overlap), dU[xi] = V[xi]^T @ dM[xi] and dg = G^T dU G (``wino_kernel_grad``).
 #
 # The samples go in groups of about WINO_TILES tiles, one work item each, in one
 # parallel region per pass: a group's transforms run sample by sample on C-contiguous
