@@ -1084,16 +1084,14 @@ class Conv2d(Function):
             w2 = weight.transpose(2, 3, 1, 0).reshape(K, O) if nhwc else weight.reshape(O, K)
             _on_threads(_infer.conv_forward, _helper_threads(max(cols.size, out.size)), x,
                         np.ascontiguousarray(w2), cols, out, (kH, kW), stride, padding, nhwc)
-            if bias is not None:
-                out += bias if nhwc else bias.reshape(O, 1, 1)
+            _add_bias(out, bias, layout)
         elif layout == "NCHW":
             if pointwise:
                 cols = x.reshape(N, C, H * W)
             else:
                 cols = _im2col(x, (kH, kW), stride, padding, layout, (N, C * kH * kW, Ho * Wo))
             out = _bmm(weight.reshape(O, C * kH * kW), cols).reshape(N, O, Ho, Wo)
-            if bias is not None:
-                out += bias.reshape(O, 1, 1)
+            _add_bias(out, bias, layout)
         else:
             if pointwise:
                 cols = x.reshape(N * H * W, C)
@@ -1103,8 +1101,7 @@ class Conv2d(Function):
             # one product per sample: 1.2x faster than one (N*Ho*Wo, K) @ (K, O) product
             # here (OpenBLAS, one thread; (32,8,8,16) -> 32 channels: 167 vs 208 us)
             out = _bmm(cols.reshape(N, Ho * Wo, kH * kW * C), w2).reshape(N, Ho, Wo, O)
-            if bias is not None:
-                out += bias
+            _add_bias(out, bias, layout)
         ctx.save_for_backward(cols if nw else None, weight if nx else None)
         ctx.geometry = x.shape, weight.shape, stride, padding, layout, (Ho, Wo)
         ctx.winograd = None
@@ -1124,8 +1121,7 @@ class Conv2d(Function):
                         out, nhwc)
         if V is None:
             return None
-        if bias is not None:
-            out += bias if nhwc else bias.reshape(O, 1, 1)
+        _add_bias(out, bias, layout)
         nx, nw, _ = ctx.needs_input_grad
         ctx.save_for_backward(V if nw else None, U if nx else None)
         ctx.geometry = x.shape, weight.shape, (1, 1), (1, 1), layout, out_hw
@@ -1149,10 +1145,10 @@ class Conv2d(Function):
             g3 = grad.reshape(N, O, out_hw[0] * out_hw[1])
             if nw:  # per sample cols @ g^T: with NumPy, g @ cols^T (a transposed
                 # second operand) took twice as long ((32,16,8,8) -> 32: 440 us)
-                gw = _bmm(cols, g3, tb=True, summed=True).sum(axis=0)
-                gw = np.ascontiguousarray(gw.T).reshape(wshape)
+                gw = _kernel_grad(_bmm(cols, g3, tb=True, summed=True).sum(axis=0), wshape,
+                                  layout)
             if nb:
-                gb = g3.sum(axis=(0, 2))
+                gb = _bias_grad(grad, O, layout)
             if nx and _infer is not None and grad.dtype in _HELPER_DTYPES \
                     and weight.dtype == grad.dtype:  # col2im in C: ~10x the slice adds
                 dcols = _bmm(weight.reshape(O, -1), g3, ta=True)  # (N, C*kH*kW, Ho*Wo)
@@ -1173,10 +1169,9 @@ class Conv2d(Function):
             g3 = grad.reshape(N, P, O)  # per sample, as in forward
             if nw:
                 gw = _bmm(cols.reshape(N, P, kH * kW * C), g3, ta=True, summed=True)
-                gw = np.ascontiguousarray(
-                    gw.sum(axis=0).T.reshape(O, kH, kW, C).transpose(0, 3, 1, 2))
+                gw = _kernel_grad(gw.sum(axis=0), wshape, layout)
             if nb:
-                gb = g2.sum(axis=0)
+                gb = _bias_grad(grad, O, layout)
             if nx and _infer is not None and grad.dtype in _HELPER_DTYPES \
                     and weight.dtype == grad.dtype:  # products per sample, col2im in C
                 w2 = np.ascontiguousarray(weight.transpose(0, 2, 3, 1))
@@ -1219,10 +1214,7 @@ class Conv2d(Function):
             ctx.winograd = None
             return Conv2d.backward(ctx, grad)
         gw = _wino_kernel_grad(dU, wshape) if nw else None
-        gb = None
-        if nb:
-            gb = g.reshape(-1, O).sum(axis=0) if nhwc else g.reshape(N, O, -1).sum(axis=(0, 2))
-        return gx, gw, gb
+        return gx, gw, _bias_grad(g, O, layout) if nb else None
 
     @staticmethod
     def _backward_helpers(ctx, grad, nw, nb):
@@ -1241,14 +1233,31 @@ class Conv2d(Function):
         _on_threads(_infer.conv_backward, _helper_threads(N * K * max(P, O if nw else 0)),
                     g3, cols, np.ascontiguousarray(w2).reshape(O, K), gwp, gx, (kH, kW),
                     stride, padding, nhwc)
-        gw = gb = None
-        if nw:
-            gw = gwp.sum(axis=0).T  # (O, K): K ordered (C, kH, kW) NCHW, (kH, kW, C) NHWC
-            gw = np.ascontiguousarray(
-                gw.reshape(O, kH, kW, C).transpose(0, 3, 1, 2) if nhwc else gw).reshape(wshape)
-        if nb:
-            gb = g3.reshape(-1, O).sum(axis=0) if nhwc else g3.sum(axis=(0, 2))
-        return gx, gw, gb
+        gw = _kernel_grad(gwp.sum(axis=0), wshape, layout) if nw else None
+        return gx, gw, _bias_grad(g3, O, layout) if nb else None
+
+
+def _add_bias(out, bias, layout):
+    """out += bias per channel, in place (None: nothing)."""
+    if bias is not None:
+        out += bias if layout == "NHWC" else bias.reshape(-1, 1, 1)
+
+
+def _bias_grad(grad, O, layout):
+    """A convolution's bias gradient: grad summed over all but its channel axis."""
+    if layout == "NHWC":
+        return grad.reshape(-1, O).sum(axis=0)
+    return grad.reshape(grad.shape[0], O, -1).sum(axis=(0, 2))
+
+
+def _kernel_grad(gw, wshape, layout):
+    """The weight gradient (O, C, kH, kW) from the (K, O) product of the columns and the
+    output gradient, K ordered (C, kH, kW) in NCHW, (kH, kW, C) in NHWC."""
+    O, C, kH, kW = wshape
+    gw = gw.T
+    if layout == "NHWC":
+        gw = gw.reshape(O, kH, kW, C).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(gw).reshape(wshape)
 
 
 def _winograd(wshape, stride, padding, out_hw, grad):

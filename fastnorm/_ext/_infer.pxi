@@ -113,6 +113,25 @@ cdef void _im2col_nhwc(const real* x, real* cols, Py_ssize_t C,
                 dst += L
 
 
+cdef inline void _im2col_sample(int kind, bint nhwc, char* x, char* cols, Py_ssize_t C,
+                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1, Py_ssize_t s2,
+                                Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sh,
+                                Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t Ho,
+                                Py_ssize_t Wo, char* plane) noexcept nogil:
+    if kind == 0 and nhwc:
+        _im2col_nhwc(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <float*>plane)
+    elif kind == 0:
+        _im2col_nchw(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <float*>plane)
+    elif nhwc:
+        _im2col_nhwc(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <double*>plane)
+    else:
+        _im2col_nchw(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
+                     ph, pw, Ho, Wo, <double*>plane)
+
+
 def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc,
            int nthreads=1):
     """Write the column matrix of a convolution of ``x`` (4-D, NCHW or NHWC, any
@@ -140,22 +159,8 @@ def im2col(cnp.ndarray x, cnp.ndarray cols, kernel, stride, padding, bint nhwc,
     if planes == NULL:
         raise MemoryError()
     for n in prange(N, nogil=True, schedule='static', num_threads=nt):
-        if kind == 0 and nhwc:
-            _im2col_nhwc(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
-                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <float*>(planes + threadid() * psize * isz))
-        elif kind == 0:
-            _im2col_nchw(<const float*>(xp + n * s0 * isz), <float*>(cp + n * per * isz), C,
-                         H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <float*>(planes + threadid() * psize * isz))
-        elif nhwc:
-            _im2col_nhwc(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
-                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <double*>(planes + threadid() * psize * isz))
-        else:
-            _im2col_nchw(<const double*>(xp + n * s0 * isz), <double*>(cp + n * per * isz),
-                         C, H, W, s1, s2, s3, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <double*>(planes + threadid() * psize * isz))
+        _im2col_sample(kind, nhwc, xp + n * s0 * isz, cp + n * per * isz, C, H, W, s1, s2,
+                       s3, kH, kW, sh, sw, ph, pw, Ho, Wo, planes + threadid() * psize * isz)
     PyMem_RawFree(planes)
 
 
@@ -766,6 +771,24 @@ cdef void _col2im_nhwc(const real* cols, real* gx, Py_ssize_t C,
             gx[h * W * C + t] = dst[t]
 
 
+cdef inline void _col2im_sample(int kind, bint nhwc, char* cols, char* gx, Py_ssize_t C,
+                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
+                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                Py_ssize_t Ho, Py_ssize_t Wo, char* plane) noexcept nogil:
+    if kind == 0 and nhwc:
+        _col2im_nhwc(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <float*>plane)
+    elif kind == 0:
+        _col2im_nchw(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <float*>plane)
+    elif nhwc:
+        _col2im_nhwc(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <double*>plane)
+    else:
+        _col2im_nchw(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
+                     Wo, <double*>plane)
+
+
 def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
            int nthreads=1):
     """The adjoint of ``im2col``: sum the column-matrix gradient ``cols`` (C-contiguous,
@@ -796,22 +819,8 @@ def col2im(cnp.ndarray cols, cnp.ndarray gx, kernel, stride, padding, bint nhwc,
     if planes == NULL:
         raise MemoryError()
     for n in prange(N, nogil=True, schedule='static', num_threads=nt):
-        if kind == 0 and nhwc:
-            _col2im_nhwc(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
-                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <float*>(planes + threadid() * psize * isz))
-        elif kind == 0:
-            _col2im_nchw(<const float*>(cp + n * per * isz), <float*>(gp + n * img * isz), C,
-                         H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <float*>(planes + threadid() * psize * isz))
-        elif nhwc:
-            _col2im_nhwc(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
-                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <double*>(planes + threadid() * psize * isz))
-        else:
-            _col2im_nchw(<const double*>(cp + n * per * isz), <double*>(gp + n * img * isz),
-                         C, H, W, kH, kW, sh, sw, ph, pw, Ho, Wo,
-                         <double*>(planes + threadid() * psize * isz))
+        _col2im_sample(kind, nhwc, cp + n * per * isz, gp + n * img * isz, C, H, W, kH, kW,
+                       sh, sw, ph, pw, Ho, Wo, planes + threadid() * psize * isz)
     PyMem_RawFree(planes)
 
 
@@ -830,6 +839,29 @@ ctypedef void (*dgemm_t)(char* ta, char* tb, int* m, int* n, int* k, double* alp
                          int* ldc) noexcept nogil
 cdef sgemm_t _sgemm = NULL
 cdef dgemm_t _dgemm = NULL
+
+
+cdef inline void _mm(int kind, bint ta, bint tb, int M, int Nc, int K, char* a, char* b,
+                     char* c, bint add) noexcept nogil:
+    """Row-major c (M x Nc) = op(a) @ op(b), plus c with ``add``; a is M x K (K x M with
+    ``ta``), b is K x Nc (Nc x K with ``tb``), all C-contiguous; one BLAS call."""
+    # row major C = A @ B is column major C^T = B^T @ A^T: BLAS gets b first
+    cdef char tra = b'T' if tb else b'N', trb = b'T' if ta else b'N'
+    cdef int lda = K if tb else Nc, ldb = M if ta else K, ldc = Nc
+    cdef float f1 = 1.0, fb = 1.0 if add else 0.0
+    cdef double d1 = 1.0, db = 1.0 if add else 0.0
+    if lda < 1:
+        lda = 1
+    if ldb < 1:
+        ldb = 1
+    if ldc < 1:
+        ldc = 1
+    if kind == 0:
+        _sgemm(&tra, &trb, &Nc, &M, &K, &f1, <float*>b, &lda, <float*>a, &ldb, &fb,
+               <float*>c, &ldc)
+    else:
+        _dgemm(&tra, &trb, &Nc, &M, &K, &d1, <double*>b, &lda, <double*>a, &ldb, &db,
+               <double*>c, &ldc)
 
 
 def set_gemm(sgemm, dgemm):
@@ -903,36 +935,19 @@ def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint 
     cdef char* ap = <char*>cnp.PyArray_DATA(a)
     cdef char* bp = <char*>cnp.PyArray_DATA(b)
     cdef char* op = <char*>cnp.PyArray_DATA(out)
-    # row major C = A @ B is column major C^T = B^T @ A^T: BLAS gets b first
-    cdef char tra = b'T' if tb else b'N', trb = b'T' if ta else b'N'
-    cdef int m = <int>Nc, n_ = <int>M, k = <int>K
-    cdef int lda = <int>(bc if bc > 0 else 1), ldb = <int>(ac if ac > 0 else 1)
-    cdef int ldc = <int>(Nc if Nc > 0 else 1)
-    cdef float f1 = 1.0, f0 = 0.0
-    cdef double d1 = 1.0, d0 = 0.0
     cdef int nt = max(1, min(nthreads, G))
-    cdef Py_ssize_t g, i
+    cdef Py_ssize_t g, i, i0
     if G == 0 or M == 0 or Nc == 0:
         return
     if K == 0 or N == 0:
         out[...] = 0
         return
     for g in prange(G, nogil=True, schedule='static', num_threads=nt):
-        i = (g * N + G - 1) // G  # the first sample n with n * G // N == g
-        if kind == 0:
-            _sgemm(&tra, &trb, &m, &n_, &k, &f1, <float*>(bp + i * sb), &lda,
-                   <float*>(ap + i * sa), &ldb, &f0, <float*>(op + g * so), &ldc)
-        else:
-            _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
-                   <double*>(ap + i * sa), &ldb, &d0, <double*>(op + g * so), &ldc)
-        i = i + 1
+        i0 = (g * N + G - 1) // G  # the first sample n with n * G // N == g
+        i = i0
         while i < ((g + 1) * N + G - 1) // G:
-            if kind == 0:
-                _sgemm(&tra, &trb, &m, &n_, &k, &f1, <float*>(bp + i * sb), &lda,
-                       <float*>(ap + i * sa), &ldb, &f1, <float*>(op + g * so), &ldc)
-            else:
-                _dgemm(&tra, &trb, &m, &n_, &k, &d1, <double*>(bp + i * sb), &lda,
-                       <double*>(ap + i * sa), &ldb, &d1, <double*>(op + g * so), &ldc)
+            _mm(kind, ta, tb, <int>M, <int>Nc, <int>K, ap + i * sa, bp + i * sb, op + g * so,
+                i > i0)
             i = i + 1
 
 
@@ -940,68 +955,8 @@ def batched_matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, bint ta, bint 
 # The column matrix and the products of a convolution in one parallel region, sample by
 # sample: a sample's columns are multiplied while they are in cache, its column gradient
 # never leaves the thread's buffer, and a training step waits for the thread team twice
-# per convolution instead of five times.  The BLAS calls are the ones ``batched_matmul``
-# makes, on the same operands: the same values.
-cdef inline void _mm(int kind, bint ta, bint tb, int M, int Nc, int K, char* a, char* b,
-                     char* c, bint add) noexcept nogil:
-    """Row-major c (M x Nc) = op(a) @ op(b), plus c with ``add``; a is M x K (K x M with
-    ``ta``), b is K x Nc (Nc x K with ``tb``), all C-contiguous; one BLAS call."""
-    # row major C = A @ B is column major C^T = B^T @ A^T: BLAS gets b first
-    cdef char tra = b'T' if tb else b'N', trb = b'T' if ta else b'N'
-    cdef int lda = K if tb else Nc, ldb = M if ta else K, ldc = Nc
-    cdef float f1 = 1.0, fb = 1.0 if add else 0.0
-    cdef double d1 = 1.0, db = 1.0 if add else 0.0
-    if lda < 1:
-        lda = 1
-    if ldb < 1:
-        ldb = 1
-    if ldc < 1:
-        ldc = 1
-    if kind == 0:
-        _sgemm(&tra, &trb, &Nc, &M, &K, &f1, <float*>b, &lda, <float*>a, &ldb, &fb,
-               <float*>c, &ldc)
-    else:
-        _dgemm(&tra, &trb, &Nc, &M, &K, &d1, <double*>b, &lda, <double*>a, &ldb, &db,
-               <double*>c, &ldc)
-
-
-cdef inline void _im2col_sample(int kind, bint nhwc, char* x, char* cols, Py_ssize_t C,
-                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t s1, Py_ssize_t s2,
-                                Py_ssize_t s3, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sh,
-                                Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t Ho,
-                                Py_ssize_t Wo, char* plane) noexcept nogil:
-    if kind == 0 and nhwc:
-        _im2col_nhwc(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
-                     ph, pw, Ho, Wo, <float*>plane)
-    elif kind == 0:
-        _im2col_nchw(<const float*>x, <float*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
-                     ph, pw, Ho, Wo, <float*>plane)
-    elif nhwc:
-        _im2col_nhwc(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
-                     ph, pw, Ho, Wo, <double*>plane)
-    else:
-        _im2col_nchw(<const double*>x, <double*>cols, C, H, W, s1, s2, s3, kH, kW, sh, sw,
-                     ph, pw, Ho, Wo, <double*>plane)
-
-
-cdef inline void _col2im_sample(int kind, bint nhwc, char* cols, char* gx, Py_ssize_t C,
-                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
-                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                Py_ssize_t Ho, Py_ssize_t Wo, char* plane) noexcept nogil:
-    if kind == 0 and nhwc:
-        _col2im_nhwc(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
-                     Wo, <float*>plane)
-    elif kind == 0:
-        _col2im_nchw(<const float*>cols, <float*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
-                     Wo, <float*>plane)
-    elif nhwc:
-        _col2im_nhwc(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
-                     Wo, <double*>plane)
-    else:
-        _col2im_nchw(<const double*>cols, <double*>gx, C, H, W, kH, kW, sh, sw, ph, pw, Ho,
-                     Wo, <double*>plane)
-
-
+# per convolution instead of five times.  The BLAS calls (``_mm``) are the ones
+# ``batched_matmul`` makes, on the same operands: the same values.
 cdef inline void _check_matrix(cnp.ndarray a, cnp.ndarray like, Py_ssize_t r, Py_ssize_t c,
                                str name) except *:
     if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(like) or not cnp.PyArray_IS_C_CONTIGUOUS(a) \
