@@ -49,33 +49,30 @@ def _available(name):
         return False
 
 
-def _cython_kernels():
-    """The portable Cython module, or its AVX2+FMA twin when the CPU has both and the
-    twin was built (``FASTNORM_CYTHON_ISA=baseline`` keeps the portable one)."""
-    portable = importlib.import_module("fastnorm._ext.kernels")
-    if os.environ.get("FASTNORM_CYTHON_ISA", "").strip().lower() in ("baseline", "portable"):
-        return portable
-    if portable.cpu_has_avx2_fma():
-        try:
-            return importlib.import_module("fastnorm._ext.kernels_avx2")
-        except ImportError:
-            pass
-    return portable
-
-
-def infer_module():
-    """``fastnorm._ext.infer`` (the helpers of the convolutions, pooling, ReLU and the
-    fused inference plans), or its AVX2+FMA twin on the same terms as the kernels
-    (``_cython_kernels``).  ImportError when the extension was not built."""
-    portable = importlib.import_module("fastnorm._ext.infer")
+def _isa_twin(name):
+    """``fastnorm._ext.<name>``, or its AVX2+FMA twin ``<name>_avx2`` when the CPU has
+    both and the twin was built (``FASTNORM_CYTHON_ISA=baseline`` keeps the portable one).
+    ImportError when the portable module was not built."""
+    portable = importlib.import_module(f"fastnorm._ext.{name}")
     if os.environ.get("FASTNORM_CYTHON_ISA", "").strip().lower() in ("baseline", "portable"):
         return portable
     try:
         if importlib.import_module("fastnorm._ext.kernels").cpu_has_avx2_fma():
-            return importlib.import_module("fastnorm._ext.infer_avx2")
+            return importlib.import_module(f"fastnorm._ext.{name}_avx2")
     except ImportError:
         pass
     return portable
+
+
+def _cython_kernels():
+    """The Cython kernels module (``_isa_twin``)."""
+    return _isa_twin("kernels")
+
+
+def infer_module():
+    """``fastnorm._ext.infer`` (the helpers of the convolutions, pooling, ReLU and the
+    fused inference plans), or its AVX2+FMA twin on the same terms as the kernels."""
+    return _isa_twin("infer")
 
 
 def get_kernels(name=None):
