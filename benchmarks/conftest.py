@@ -1,6 +1,8 @@
 """Benchmark options: ``--threads N`` (default 2) for both fastnorm and PyTorch."""
 import pytest
 
+_SUMMARY = []  # lines for the end of the run (``summary`` fixture)
+
 
 def pytest_addoption(parser):
     parser.addoption("--threads", type=int, default=2,
@@ -39,3 +41,17 @@ def threads(request):
 @pytest.fixture
 def quiet_wait(request):
     return request.config.getoption("--quiet-wait")
+
+
+@pytest.fixture
+def summary():
+    """``summary(line)``: print ``line`` at the end of the run, after the tables."""
+    return _SUMMARY.append
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARY:
+        terminalreporter.section("PyTorch / fastnorm")
+        for line in _SUMMARY:
+            terminalreporter.write_line(line)
