@@ -437,22 +437,32 @@ class FlattenChannelsFirst(Function):
     """(N, *spatial, C) -> (N, C * prod(spatial)) in channels-first order: the flatten
     of a channels-last tensor as one copy each way, the gradient returned contiguous in
     the input's layout (a transpose then a reshape, as two ops, cost ~40 us per step of
-    the digits CNN against ~20, the next op's copy of the strided gradient included)."""
+    the digits CNN against ~20, the next op's copy of the strided gradient included).
+    Each sample is one matrix transpose; for C-contiguous float arrays the Cython helper
+    (``sample_transpose``) does it: (32,4,4,32) forward 7.5 -> 1.9 us, backward 6.5 -> 1.8
+    us against NumPy's strided copy, in a loop (15 and 9.5 us inside a training step)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.shape = x.shape
-        order = (0, x.ndim - 1, *range(1, x.ndim - 1))
         out = np.empty((x.shape[0], math.prod(x.shape[1:])), x.dtype)
-        np.copyto(out.reshape([x.shape[i] for i in order]), np.transpose(x, order))
+        if _contiguous_float(x):
+            _infer.sample_transpose(x, out, math.prod(x.shape[1:-1]), x.shape[-1])
+        else:
+            order = (0, x.ndim - 1, *range(1, x.ndim - 1))
+            np.copyto(out.reshape([x.shape[i] for i in order]), np.transpose(x, order))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         shape = ctx.shape
-        order = (0, *range(2, len(shape)), 1)  # channels-first back to channels-last
         gx = np.empty(shape, grad.dtype)
-        np.copyto(gx, np.transpose(grad.reshape((shape[0], shape[-1], *shape[1:-1])), order))
+        if _contiguous_float(grad):
+            _infer.sample_transpose(grad, gx, shape[-1], math.prod(shape[1:-1]))
+        else:
+            order = (0, *range(2, len(shape)), 1)  # channels-first back to channels-last
+            np.copyto(gx, np.transpose(grad.reshape((shape[0], shape[-1], *shape[1:-1])),
+                                       order))
         return gx,
 
 

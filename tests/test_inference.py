@@ -589,6 +589,39 @@ def test_conv_helpers_reject_mismatched_arrays():
         infer.conv_backward(g[:, :3].copy(), cols, w, None, x, *geo)
 
 
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_sample_transpose_and_nhwc_flatten(dt):
+    pytest.importorskip("fastnorm._ext.infer")
+    from fastnorm import ops
+    infer = ops._infer
+    rng = np.random.default_rng(0)
+    for shape in [(3, 4, 4, 32), (2, 3, 5, 7), (1, 1, 1, 9), (0, 2, 2, 3), (2, 5, 3, 17)]:
+        x = rng.standard_normal(shape).astype(dt)
+        N, R, K = shape[0], shape[1] * shape[2], shape[3]
+        out = np.empty((N, K * R), dt)
+        infer.sample_transpose(x, out, R, K)
+        ref = x.reshape(N, R, K).transpose(0, 2, 1).reshape(N, K * R)
+        np.testing.assert_array_equal(out, ref)
+        # the op, its gradient, and the NumPy path for a strided input: the same values
+        for xin in (x, x[:, ::-1]):
+            t = fn.Tensor(xin, requires_grad=True)
+            y = fn.functional.flatten(t, 1, layout="NHWC")
+            np.testing.assert_array_equal(y.data, np.moveaxis(xin, 3, 1).reshape(N, K * R))
+            g = rng.standard_normal(y.shape).astype(dt)
+            (y * g).sum().backward()
+            np.testing.assert_array_equal(t.grad, np.moveaxis(
+                g.reshape(N, K, shape[1], shape[2]), 1, 3))
+    x = np.zeros((2, 3, 4), dt)
+    with pytest.raises(ValueError, match="R, K: expected positive sizes"):
+        infer.sample_transpose(x, np.empty_like(x), 5, 3)
+    with pytest.raises(ValueError, match="out: expected"):
+        infer.sample_transpose(x, np.empty(23, dt), 3, 4)
+    ro = np.empty_like(x)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="out: expected a writable"):
+        infer.sample_transpose(x, ro, 3, 4)
+
+
 def test_infer_helpers_match_numpy():
     infer = pytest.importorskip("fastnorm._ext.infer")
     from fastnorm import ops

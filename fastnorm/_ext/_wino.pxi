@@ -155,6 +155,31 @@ cdef inline void _to_planes(const real* x, real* out, Py_ssize_t C, Py_ssize_t H
     _transpose(x, C, out, HW, HW, C)
 
 
+def sample_transpose(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t K):
+    """out[n] = x[n]^T for each sample n: x read as (N, R, K), out written (N, K, R), both
+    C-contiguous of one float dtype and size (the channels-first flatten of a
+    channels-last tensor, ``ops.FlattenChannelsFirst``, and its gradient).  One thread:
+    NumPy's strided copy took ~15 us for the digits CNN's (32, 4*4, 32)."""
+    cdef int kind = _kind(x)
+    cdef Py_ssize_t n = _same_size(x, x, "x")
+    _same_size(out, x, "out")
+    if not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError("out: expected a writable array")
+    if R <= 0 or K <= 0 or n % (R * K):
+        raise ValueError(f"R, K: expected positive sizes whose product divides {n}, "
+                         f"got {R} and {K}")
+    cdef char* xp = <char*>cnp.PyArray_DATA(x)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t step = R * K * cnp.PyArray_ITEMSIZE(x), i
+    with nogil:
+        for i in range(n // (R * K)):
+            if kind == 0:
+                _transpose(<const float*>(xp + i * step), K, <float*>(op + i * step), R, R, K)
+            else:
+                _transpose(<const double*>(xp + i * step), K, <double*>(op + i * step), R,
+                           R, K)
+
+
 cdef bint _wino_forward_group(const real* x, const real* U, real* V, real* y, real* buf,
                               int kind, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t C,
                               Py_ssize_t O, Py_ssize_t H, Py_ssize_t W, Py_ssize_t sN,

@@ -26,6 +26,8 @@ samples of a batch on ``nthreads`` OpenMP threads where a function takes it (tra
   samples on the threads (BLAS's sgemm/dgemm from ``set_gemm``).
 - ``conv_forward``, ``conv_backward``: a convolution's im2col, products and col2im
   sample by sample in one parallel region per pass.
+- ``sample_transpose(x, out, R, K)``: each sample's (R, K) matrix transposed (the
+  channels-first flatten of a channels-last tensor).
 - ``wino_forward``, ``wino_backward``: 3x3 convolutions of stride 1 and padding 1 by
   Winograd F(2x2, 3x3) (``_wino.pxi``, transforms in ``_wino.h``).
 
