@@ -267,10 +267,11 @@ def _bn_args(x, weight, bias, layout):
 
 
 def _bn_front(name, *args):
-    """The current backend's one-call BatchNorm entry ``name`` (``bn_train``, ``bn_eval``,
-    ``bn_backward``: Cython, see the end of fastnorm/_ext/_kernels.pxi) called with
-    ``args`` and the thread count: its result, or None where there is no such entry or
-    it does not take the arguments as they are (the validated path then runs)."""
+    """The current backend's one-call entry ``name`` (``bn_train``, ``bn_eval``,
+    ``bn_backward``, ``row_train``, ``row_backward``: Cython, see the end of
+    fastnorm/_ext/_kernels.pxi) called with ``args`` and the thread count: its result,
+    or None where there is no such entry or it does not take the arguments as they are
+    (the validated path then runs)."""
     if not _config.FUSED_PASSES:
         return None
     front = getattr(get_kernels(), name, None)
@@ -391,6 +392,9 @@ def _row_prepare(x, normalized_shape, weight, bias):
 def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the trailing ``normalized_shape``; returns ``(y, mean, invstd)`` with
     one statistic per row (shape ``x.shape[:-len(normalized_shape)]``)."""
+    r = _bn_front("row_train", x, normalized_shape, weight, bias, eps, True)
+    if r is not None:
+        return r
     x, shape, dims, weight, bias = _row_prepare(x, normalized_shape, weight, bias)
     eps = _checks.eps(eps)
     y, mean, invstd = _train(x, dims, _flat(weight), _flat(bias), eps, True, None)
@@ -406,6 +410,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, param_grads=None):
     """Gradients of ``layer_norm_train``: ``(dx, dweight, dbias)`` (shaped like the
     normalized shape; None unless ``param_grads``, which defaults to ``weight is not None``)."""
+    r = _bn_front("row_backward", dy, x, mean, invstd, normalized_shape, weight, param_grads)
+    if r is not None:
+        return r
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     if param_grads is None:
         param_grads = weight is not None
@@ -423,6 +430,9 @@ def _flat(p):
 
 
 # -------------------------------------------------------------------------- RMSNorm ----
+_RMS_EPS = {np.dtype(t): float(np.finfo(t).eps) for t in (np.float32, np.float64)}
+
+
 def _rms_eps(eps, dtype):
     return float(np.finfo(dtype).eps) if eps is None else _checks.eps(eps)
 
@@ -430,6 +440,10 @@ def _rms_eps(eps, dtype):
 def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     """RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight over the trailing
     ``normalized_shape`` (eps=None: ``np.finfo(dtype).eps``); returns ``(y, invrms)``."""
+    r = _bn_front("row_train", x, normalized_shape, weight, None,
+                  _RMS_EPS.get(getattr(x, "dtype", None)) if eps is None else eps, False)
+    if r is not None:
+        return r
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     eps = _rms_eps(eps, x.dtype)
     y, _, invrms = _train(x, dims, _flat(weight), None, eps, False, None)
@@ -444,6 +458,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None):
     """Gradients of ``rms_norm_train``: ``(dx, dweight)``, dweight None without weight.
     dx = invrms * (g - x * invrms^2 * sum(g * x)/K), g = dy * weight."""
+    r = _bn_front("row_backward", dy, x, None, invrms, normalized_shape, weight,
+                  weight is not None)
+    if r is not None:
+        return r
     x, shape, dims, weight, _ = _row_prepare(x, normalized_shape, weight, None)
     R = dims[0]
     dx, dw, _ = _backward(dy, x, dims, None, _saved(invrms, "invrms", R),

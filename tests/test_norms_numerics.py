@@ -363,6 +363,102 @@ def test_batchnorm_front_declines_what_it_does_not_take():
     assert k.bn_backward(x, x, rm, rv, w, "NCHW", None, 1, 1) is None  # param_grads not bool
 
 
+# LayerNorm/RMSNorm rows around the thresholds: short rows, a 1-D input, two normalized
+# dimensions, rows on two threads, few long rows split into parts (train declined), rows
+# whose parameter gradients go by blocks of columns (backward declined).
+ROW_FRONT_SHAPES = [((32, 16), 16), ((4, 3, 768), 768), ((300,), 300), ((2, 4, 5), (4, 5)),
+                    ((3, 40, 1024), (1024,)), ((8, 70000), 70000), ((4, 70000), 70000),
+                    ((2, 40000), 40000)]
+
+
+@pytest.mark.parametrize("shape,ns", ROW_FRONT_SHAPES)
+def test_row_front_serves_what_the_driver_fuses(shape, ns):
+    """The one-call LayerNorm/RMSNorm entries (row_train/row_backward) take the rows the
+    driver's one-call passes serve, and decline the others."""
+    from fastnorm import norms
+    k = _cython_backend()
+    x = np.ones(shape, np.float32)
+    nd = 1 if isinstance(ns, int) else len(ns)
+    dims = norms.row_view(x, shape[len(shape) - nd:])
+    R = dims[0]
+    mean = invstd = np.ones(R, np.float32)
+    for nthreads in (1, 2):
+        fwd = k.k.row_train(x, ns, None, None, 1e-5, True, nthreads)
+        assert (fwd is not None) == (k._nparts(dims) == 1)
+        bwd = k.k.row_backward(x, x, mean, invstd, ns, None, None, nthreads)
+        assert (bwd is not None) == (k._backward_split(dims) is not None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ns", ROW_FRONT_SHAPES)
+def test_row_front_matches_validated_path(shape, ns, dtype, monkeypatch):
+    """LayerNorm and RMSNorm through the one-call entries give the bits, dtypes and
+    shapes of the driver's path: with and without parameters, parameter gradients or
+    not, on 1 and 2 threads."""
+    k = _cython_backend()
+    rng = np.random.default_rng(6)
+    nshape = (ns,) if isinstance(ns, int) else ns
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, nshape).astype(dtype)
+    b = rng.standard_normal(nshape).astype(dtype)
+
+    def run():
+        out = []
+        for wa, ba in ((w, b), (None, None), (w, None)):
+            y, mean, invstd = F.layer_norm_train(x, ns, wa, ba)
+            out += [y, mean, invstd, *F.layer_norm_backward(dy, x, mean, invstd, ns, wa),
+                    *F.layer_norm_backward(dy, x, mean, invstd, ns, wa, param_grads=True)]
+            y, invrms = F.rms_norm_train(x, ns, wa)
+            out += [y, invrms, *F.rms_norm_backward(dy, x, invrms, ns, wa)]
+        return out
+
+    with fn.use_backend("cython"):
+        for threads in (1, 2):
+            fn.set_num_threads(threads)
+            try:
+                front = run()
+                with monkeypatch.context() as m:
+                    m.setattr(k, "row_train", None)
+                    m.setattr(k, "row_backward", None)
+                    driver = run()
+            finally:
+                fn.set_num_threads(2)
+            for a, c in zip(front, driver, strict=True):
+                assert (a is None) == (c is None)
+                if a is not None:
+                    assert a.dtype == c.dtype and a.shape == c.shape
+                    np.testing.assert_array_equal(a, c)
+
+
+def test_row_front_declines_what_it_does_not_take():
+    """Arguments the one-call row entries do not take as they are give None (the
+    validated path then converts or raises)."""
+    k = _cython_backend()
+    x = np.ones((4, 3, 8), np.float32)
+    w = np.ones(8, np.float32)
+    bad = [dict(x=x.astype(np.float16)), dict(x=x[:, :, ::2]), dict(x=x.tolist()),
+           dict(ns=[8]), dict(ns=(np.int64(8),)), dict(ns=7), dict(ns=(3, 7)),
+           dict(ns=(2, 4, 3, 8)), dict(ns=()), dict(ns=2 ** 70), dict(ns=True),
+           dict(weight=w.astype(np.float64)), dict(weight=np.ones(7, np.float32)),
+           dict(weight=np.ones((1, 8), np.float32)), dict(bias=w[::-1]), dict(eps=0.0),
+           dict(eps=1), dict(eps=float("nan")), dict(x=np.ones((4, 0), np.float32), ns=0)]
+    for change in bad:
+        args = dict(x=x, ns=8, weight=w, bias=None, eps=1e-5)
+        args.update(change)
+        assert k.row_train(*args.values(), True, 2) is None, change
+    stat = np.ones(12, np.float32)
+    assert k.row_backward(x.astype(np.float64), x, stat, stat, 8, w, None, 1) is None
+    assert k.row_backward(x, x, stat[:11], stat, 8, w, None, 1) is None
+    assert k.row_backward(x, x, stat, stat, 8, w, 1, 1) is None  # param_grads not bool
+    assert k.row_backward(x[:2], x, stat, stat, 8, w, None, 1) is None
+    # and through the functions: the usual errors
+    with pytest.raises(ValueError, match="normalized_shape"):
+        F.layer_norm(x, (7,))
+    with pytest.raises(TypeError, match="normalized_shape"):
+        F.rms_norm(x, 8.0)
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_concurrent_calls_from_python_threads(backend):
     """Several Python threads calling the kernels at once (Numba's kernels release the

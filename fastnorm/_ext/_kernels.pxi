@@ -1969,3 +1969,148 @@ def bn_backward(dy, x, mean, invstd, weight, layout, out, param_grads, int nthre
     _backward_call(dy, x, 1, v.M, v.C, 1, v.Ks, v.nch, 1, 1, mean, invstd, weight, True, dx,
                    dw, db, v.nt)
     return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# LayerNorm and RMSNorm in one call (fastnorm.norms tries these first), on the terms of the
+# bn_* entries: x a C-contiguous aligned float32/float64 ndarray (not a subclass) with
+# values, normalized_shape an int or a tuple of ints equal to x's trailing dimensions,
+# weight/bias None or C-contiguous aligned arrays of x's dtype and the normalized shape,
+# eps a Python float in range.  Anything else returns None, as do the rows the one-call
+# passes do not serve (a few long rows split into parts; the backward of rows long enough
+# for blocks of columns): norms then validates and raises, or runs the driver, as before.
+# The rows are the driver's view (P, 1, 1, K, 1) of fastnorm.norms.row_view.
+# ----------------------------------------------------------------------------------------
+cdef struct RowView:
+    Py_ssize_t R, K    # rows, values per row
+    int k              # dimensions normalized
+    int t              # x's type number
+    int nt             # threads for the pass
+
+
+cdef bint _row_view(object x, object normalized_shape, int nthreads, RowView* v) noexcept:
+    """The rows of x over the trailing ``normalized_shape``; False when x or the shape is
+    not taken as is, or when the rows are split into parts (``_nparts`` > 1)."""
+    if not cnp.PyArray_CheckExact(x):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef int nd = cnp.PyArray_NDIM(a)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        return False
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
+    cdef Py_ssize_t K = 1, i
+    cdef int k
+    if type(normalized_shape) is int:  # compared as Python ints: no overflow to raise
+        if nd < 1 or <object>shape[nd - 1] != normalized_shape:
+            return False
+        k = 1
+        K = shape[nd - 1]
+    elif type(normalized_shape) is tuple:
+        k = len(<tuple>normalized_shape)
+        if k < 1 or k > nd:
+            return False
+        for i in range(k):
+            s = (<tuple>normalized_shape)[i]
+            if type(s) is not int or <object>shape[nd - k + i] != s:
+                return False
+            K *= shape[nd - k + i]
+    else:
+        return False
+    cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
+    if K < 1 or total < 1:
+        return False
+    v.R = total // K
+    v.K = K
+    v.k = k
+    v.t = t
+    v.nt = 1 if total < _parallel_min else max(1, nthreads)
+    # _nparts of the view (R, 1, 1, K, 1): 1 unless few long rows
+    return v.R >= _split_units_below or K < _split_min \
+        or max(1, min(_max_chunks // v.R, K // _min_chunk)) == 1
+
+
+cdef inline bint _is_row_param(object p, RowView* v, object x) noexcept:
+    """None, or a C-contiguous aligned ndarray of x's type and the normalized shape."""
+    if p is None:
+        return True
+    if not cnp.PyArray_CheckExact(p):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>p
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa), i
+    if cnp.PyArray_TYPE(a) != v.t or cnp.PyArray_NDIM(a) != v.k \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        return False
+    for i in range(v.k):
+        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(xa)[nd - v.k + i]:
+            return False
+    return True
+
+
+cdef inline object _row_stat(object x, RowView* v):
+    """A new array for one statistic per row: x's leading shape and type."""
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a) - v.k, cnp.PyArray_DIMS(a), v.t, 0)
+
+
+cdef inline object _row_param_grad(object x, RowView* v):
+    """A new array of the normalized shape and x's type."""
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(a)
+    return cnp.PyArray_EMPTY(v.k, cnp.PyArray_DIMS(a) + nd - v.k, v.t, 0)
+
+
+def row_train(x, normalized_shape, weight, bias, eps, bint center, int nthreads):
+    """``layer_norm_train`` (center: (y, mean, invstd)) and ``rms_norm_train`` (not
+    center: (y, invrms)), or None (see above)."""
+    cdef RowView v
+    if not _row_view(x, normalized_shape, nthreads, &v) or not _is_eps(eps):
+        return None
+    if not _is_row_param(weight, &v, x) or not _is_row_param(bias, &v, x):
+        return None
+    y = _result(None, x, v.t, (x,))
+    mean = _row_stat(x, &v) if center else None
+    invstd = _row_stat(x, &v)
+    _forward_call(x, v.R, 1, 1, v.K, 1, 1, weight, bias, eps, center, y, mean, invstd,
+                  None, None, 0.0, v.nt)
+    return (y, mean, invstd) if center else (y, invstd)
+
+
+def row_backward(dy, x, mean, invstd, normalized_shape, weight, param_grads,
+                 int nthreads):
+    """``layer_norm_backward`` (mean given: (dx, dweight, dbias)) and ``rms_norm_backward``
+    (mean None: (dx, dweight)), or None (see above; also for rows whose parameter
+    gradients go by blocks of columns, as the driver's ``_backward_split``)."""
+    cdef RowView v
+    if not _row_view(x, normalized_shape, nthreads, &v) or not _is_row_param(weight, &v, x):
+        return None
+    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
+            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
+            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+        return None
+    cdef bint center = mean is not None
+    if (center and not _is_float_vector(mean, v.R, False, True)) \
+            or not _is_float_vector(invstd, v.R, False, True):
+        return None
+    cdef bint grads
+    if param_grads is None:
+        grads = weight is not None
+    elif type(param_grads) is bool:
+        grads = param_grads
+    else:
+        return None
+    # _row_chunks: chunks of rows x blocks of columns for the parameter gradients
+    cdef Py_ssize_t nblk = max(1, min(_max_chunks, v.K // _min_chunk))
+    if nblk > 1:  # long rows: the driver's path
+        return None
+    cdef Py_ssize_t nrch = max(1, min(_max_chunks, _ceil_div(v.R * v.K, _min_chunk), v.R,
+                                      (1 << 22) // v.K))
+    dx = _result(None, x, v.t, (dy, x))
+    dw = _row_param_grad(x, &v) if grads else None
+    db = _row_param_grad(x, &v) if grads else None
+    _backward_call(dy, x, v.R, 1, 1, v.K, 1, 1, nrch, 1, mean, invstd, weight, center, dx,
+                   dw, db, v.nt)
+    return (dx, dw, db) if center else (dx, dw)
