@@ -52,6 +52,6 @@ def summary():
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
 def pytest_terminal_summary(terminalreporter):
     if _SUMMARY:
-        terminalreporter.section("PyTorch / fastnorm")
+        terminalreporter.section("ratios measured in turns")
         for line in _SUMMARY:
             terminalreporter.write_line(line)
