@@ -268,7 +268,7 @@ def _bn_args(x, weight, bias, layout):
 
 def _bn_front(name, *args):
     """The current backend's one-call entry ``name`` (``bn_train``, ``bn_eval``,
-    ``bn_backward``, ``row_train``, ``row_backward``: Cython, see the end of
+    ``bn_backward``, ``row_*``, ``group_*``: Cython, see the end of
     fastnorm/_ext/_kernels.pxi) called with ``args`` and the thread count: its result,
     or None where there is no such entry or it does not take the arguments as they are
     (the validated path then runs)."""
@@ -486,6 +486,11 @@ def _group_prepare(x, num_groups, weight, bias, layout, min_ndim=2):
 def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
     """GroupNorm: statistics per (sample, group of C/num_groups channels), per-channel
     affine; returns ``(y, mean, invstd)`` with statistics of shape (N, num_groups)."""
+    if type(num_groups) is int:  # (None is InstanceNorm's to the entry)
+        r = _bn_front("group_train", x, num_groups, weight, bias, eps, layout, None, None,
+                      0.1)
+        if r is not None:
+            return r
     x, layout, G, dims, weight, bias = _group_prepare(x, num_groups, weight, bias, layout)
     eps = _checks.eps(eps)
     y, mean, invstd = _train(x, dims, weight, bias, eps, True, None)
@@ -501,6 +506,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, layout="NCHW"):
 def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, layout="NCHW",
                         param_grads=None):
     """Gradients of ``group_norm_train``: ``(dx, dweight, dbias)``."""
+    if type(num_groups) is int:
+        r = _bn_front("group_backward", dy, x, mean, invstd, num_groups, weight, layout,
+                      param_grads)
+        if r is not None:
+            return r
     x, layout, G, dims, weight, _ = _group_prepare(x, num_groups, weight, None, layout)
     if param_grads is None:
         param_grads = weight is not None
@@ -524,6 +534,10 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5, layout="NCHW", *,
     """InstanceNorm with the input's statistics (GroupNorm with one channel per group);
     returns ``(y, mean, invstd)`` with statistics of shape (N, C).  Running buffers, when
     given, move towards the batch average of the per-sample statistics (as PyTorch)."""
+    r = _bn_front("group_train", x, None, weight, bias, eps, layout, running_mean,
+                  running_var, momentum)
+    if r is not None:
+        return r
     x, layout, C, weight, bias = _instance_prepare(x, weight, bias, layout)
     eps = _checks.eps(eps)
     momentum = _check_running(running_mean, running_var, C, momentum)
@@ -560,6 +574,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, layout="NCHW", param_grads=None):
     """Gradients of ``instance_norm_train``: ``(dx, dweight, dbias)``."""
+    r = _bn_front("group_backward", dy, x, mean, invstd, None, weight, layout, param_grads)
+    if r is not None:
+        return r
     x, layout, C, weight, _ = _instance_prepare(x, weight, None, layout)
     if param_grads is None:
         param_grads = weight is not None

@@ -459,6 +459,125 @@ def test_row_front_declines_what_it_does_not_take():
         F.rms_norm(x, 8.0)
 
 
+# GroupNorm (int groups) and InstanceNorm (None) around the thresholds: segments (NCHW),
+# columns (NHWC), two threads, few large groups split into parts (declined), and (N, C)
+# in one group (the driver's row norm: declined).
+GROUP_FRONT_SHAPES = [((2, 6, 5, 3), 3, "NCHW"), ((32, 16, 8, 8), 4, "NCHW"),
+                      ((4, 5, 3, 6), 2, "NHWC"), ((8, 16, 16, 32), 8, "NHWC"),
+                      ((2, 3, 200, 200), None, "NCHW"), ((1, 2, 300, 300), None, "NCHW"),
+                      ((2, 40, 40, 3), None, "NHWC"), ((5, 7, 9), None, "NCHW"),
+                      ((3, 8), 1, "NCHW"), ((3, 8), 2, "NHWC")]
+
+
+@pytest.mark.parametrize("shape,G,layout", GROUP_FRONT_SHAPES)
+def test_group_front_view_is_the_drivers(shape, G, layout):
+    """The one-call GroupNorm/InstanceNorm entries (group_train/group_backward) pick the
+    view, row blocks and thread count as the driver does, and decline where its one-call
+    passes do not serve."""
+    from fastnorm import _config, norms
+    k = _cython_backend()
+    x = np.zeros(shape, np.float32)
+    C = norms.channels(x, layout)
+    dims = norms.group_view(x, layout, C if G is None else G)[1]
+    for nthreads in (1, 2, 3):
+        got = k.k.group_view(x, G, layout, nthreads)
+        served = (k._is_columns(dims) or k._nparts(dims) == 1) and not k._is_row_norm(dims)
+        if not served:
+            assert got is None
+            continue
+        threads = 1 if x.size < _config.PARALLEL_MIN_ELEMENTS else nthreads
+        assert got == (*dims, k._nch(dims), threads)
+        assert k._backward_split(dims) == (k._nch(dims), 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,G,layout", GROUP_FRONT_SHAPES)
+def test_group_front_matches_validated_path(shape, G, layout, dtype, monkeypatch):
+    """GroupNorm and InstanceNorm through the one-call entries give the bits, dtypes and
+    shapes of the driver's path: with and without parameters, InstanceNorm with running
+    buffers, parameter gradients or not, on 1 and 2 threads."""
+    k = _cython_backend()
+    rng = np.random.default_rng(7)
+    C = shape[1] if layout == "NCHW" else shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+
+    def run():
+        out = []
+        for wa, ba in ((w, b), (None, None), (w, None)):
+            if G is None:
+                rm, rv = np.zeros(C, np.float32), np.ones(C, np.float64)
+                y, mean, invstd = F.instance_norm_train(x, wa, ba, layout=layout,
+                                                        running_mean=rm, running_var=rv,
+                                                        momentum=0.25)
+                out += [y, mean, invstd, rm, rv,
+                        *F.instance_norm_backward(dy, x, mean, invstd, wa, layout=layout),
+                        *F.instance_norm_backward(dy, x, mean, invstd, wa, layout=layout,
+                                                  param_grads=True)]
+            else:
+                y, mean, invstd = F.group_norm_train(x, G, wa, ba, layout=layout)
+                out += [y, mean, invstd,
+                        *F.group_norm_backward(dy, x, mean, invstd, G, wa, layout=layout),
+                        *F.group_norm_backward(dy, x, mean, invstd, G, wa, layout=layout,
+                                               param_grads=True)]
+        return out
+
+    with fn.use_backend("cython"):
+        for threads in (1, 2):
+            fn.set_num_threads(threads)
+            try:
+                front = run()
+                with monkeypatch.context() as m:
+                    m.setattr(k, "group_train", None)
+                    m.setattr(k, "group_backward", None)
+                    driver = run()
+            finally:
+                fn.set_num_threads(2)
+            for a, c in zip(front, driver, strict=True):
+                assert (a is None) == (c is None)
+                if a is not None:
+                    assert a.dtype == c.dtype and a.shape == c.shape
+                    np.testing.assert_array_equal(a, c)
+
+
+def test_group_front_declines_what_it_does_not_take():
+    """Arguments the one-call group entries do not take as they are give None (the
+    validated path then converts or raises), and nothing is written."""
+    k = _cython_backend()
+    x = np.ones((4, 6, 2, 2), np.float32)
+    w = np.ones(6, np.float32)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    ro = rm.copy()
+    ro.flags.writeable = False
+    bad = [dict(x=x.astype(np.float16)), dict(x=x[:, :, :, :1]), dict(layout="nchw"),
+           dict(G=4), dict(G=0), dict(G=7), dict(G=True), dict(G=2.0), dict(G=np.int64(2)),
+           dict(weight=w.astype(np.float64)), dict(weight=np.ones(4, np.float32)),
+           dict(eps=0.0), dict(eps=1), dict(G=None, running_mean=rm, momentum=2.0),
+           dict(G=None, running_mean=ro), dict(G=None, running_var=np.ones(4, np.float32)),
+           dict(running_mean=rm),  # running buffers are InstanceNorm's only
+           dict(G=None, x=np.ones((4, 6, 1, 1), np.float32)),  # one value per channel
+           dict(G=None, x=np.ones((4, 6), np.float32)), dict(x=np.ones((4, 0, 2), np.float32))]
+    for change in bad:
+        args = dict(x=x, G=2, weight=w, bias=None, eps=1e-5, layout="NCHW",
+                    running_mean=None, running_var=None, momentum=0.1)
+        args.update(change)
+        before = rm.copy(), rv.copy()
+        assert k.group_train(*args.values(), 2) is None, change
+        np.testing.assert_array_equal(rm, before[0])
+        np.testing.assert_array_equal(rv, before[1])
+    stat = np.ones(8, np.float32)
+    assert k.group_backward(x.astype(np.float64), x, stat, stat, 2, w, "NCHW", None, 1) is None
+    assert k.group_backward(x, x, stat[:7], stat, 2, w, "NCHW", None, 1) is None
+    assert k.group_backward(x, x, stat, stat, 2, w, "NCHW", 1, 1) is None
+    # and through the functions: the usual errors
+    with pytest.raises(ValueError, match="num_groups"):
+        F.group_norm(x, 4)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        F.instance_norm(np.ones((4, 6, 1, 1), np.float32))
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_concurrent_calls_from_python_threads(backend):
     """Several Python threads calling the kernels at once (Numba's kernels release the

@@ -2114,3 +2114,147 @@ def row_backward(dy, x, mean, invstd, normalized_shape, weight, param_grads,
     _backward_call(dy, x, v.R, 1, 1, v.K, 1, 1, nrch, 1, mean, invstd, weight, center, dx,
                    dw, db, v.nt)
     return (dx, dw, db) if center else (dx, dw)
+
+
+# ----------------------------------------------------------------------------------------
+# GroupNorm and InstanceNorm in one call, on the same terms: layout exactly 'NCHW' or
+# 'NHWC', num_groups a Python int dividing the channels (None: InstanceNorm, which norms
+# alone passes it for; one channel
+# per group, declined when a channel has one value: norms raises), weight/bias None or
+# C-contiguous aligned (C,) arrays of x's dtype, running buffers (InstanceNorm) as for
+# bn_train.  The view is the driver's (fastnorm.norms.group_view): NCHW (N, 1, G, C/G, HW)
+# segments, NHWC (N, HW, G, C/G, 1) columns; declined where the driver's one-call passes
+# do not serve (segments split into parts).
+# ----------------------------------------------------------------------------------------
+cdef struct GroupView:
+    Py_ssize_t P, M, G, Kc, Ks, nch
+    int t
+    int nt
+
+
+cdef bint _group_view(object x, object num_groups, object layout, int nthreads,
+                      GroupView* v) noexcept:
+    if not cnp.PyArray_CheckExact(x) or type(layout) is not str:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef int nd = cnp.PyArray_NDIM(a)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or nd < (2 if num_groups is not None else 3) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        return False
+    cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
+    if total < 1:
+        return False
+    cdef Py_ssize_t N = shape[0], C, S, G
+    if layout == "NCHW":
+        C = shape[1]
+    elif layout == "NHWC":
+        C = shape[nd - 1]
+    else:
+        return False
+    S = total // (N * C)  # values per channel and sample
+    if num_groups is None:  # InstanceNorm
+        if S == 1:
+            return False
+        G = C
+    elif type(num_groups) is int and 0 < num_groups <= C:
+        G = <Py_ssize_t>num_groups
+        if C % G:
+            return False
+    else:
+        return False
+    v.P = N
+    v.G = G
+    v.Kc = C // G
+    if layout == "NCHW":
+        v.M, v.Ks = 1, S
+    else:
+        v.M, v.Ks = S, 1
+    if v.M == 1 and v.Ks == 1 and G == 1:  # (N, C) in one group: the driver's row norm
+        return False
+    v.t = t
+    v.nt = 1 if total < _parallel_min else max(1, nthreads)
+    cdef Py_ssize_t n = v.M * v.Kc * v.Ks
+    if v.M > 1 and (v.Ks == 1 or total >= _run_columns_min):  # columns: _row_blocks
+        v.nch = max(1, min(v.M, _ceil_div(v.M * C * v.Ks, _min_chunk),
+                           _ceil_div(_max_chunks, v.P)))
+        return True
+    v.nch = 1
+    if v.P * G >= _split_units_below or n < _split_min:  # segments, not split
+        return True
+    return max(1, min(_max_chunks // (v.P * G), n // _min_chunk)) == 1
+
+
+def group_view(x, num_groups, layout, int nthreads):
+    """(P, M, G, Kc, Ks, nch, threads) of ``_group_view``, or None (for tests against the
+    driver)."""
+    cdef GroupView v
+    if not _group_view(x, num_groups, layout, nthreads, &v):
+        return None
+    return v.P, v.M, v.G, v.Kc, v.Ks, v.nch, v.nt
+
+
+def group_train(x, num_groups, weight, bias, eps, layout, running_mean, running_var,
+                momentum, int nthreads):
+    """``group_norm_train`` (num_groups an int) and ``instance_norm_train`` (None): (y,
+    mean, invstd) with statistics of shape (N, groups), or None (see above)."""
+    cdef GroupView v
+    if not _group_view(x, num_groups, layout, nthreads, &v) or not _is_eps(eps):
+        return None
+    cdef Py_ssize_t C = v.G * v.Kc
+    if not _is_param(weight, v.t, C) or not _is_param(bias, v.t, C):
+        return None
+    if running_mean is not None or running_var is not None:
+        if num_groups is not None:
+            return None
+        if type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0:
+            return None
+        if running_mean is not None and not _is_float_vector(running_mean, C, True, False):
+            return None
+        if running_var is not None and not _is_float_vector(running_var, C, True, False):
+            return None
+    y = _result(None, x, v.t, (x,))
+    cdef cnp.npy_intp dims[2]
+    dims[0] = v.P
+    dims[1] = v.G
+    mean = cnp.PyArray_EMPTY(2, dims, v.t, 0)
+    invstd = cnp.PyArray_EMPTY(2, dims, v.t, 0)
+    _forward_call(x, v.P, v.M, v.G, v.Kc, v.Ks, v.nch, weight, bias, eps, True, y, mean,
+                  invstd, running_mean, running_var,
+                  momentum if type(momentum) is float else 0.0, v.nt)
+    return y, mean, invstd
+
+
+def group_backward(dy, x, mean, invstd, num_groups, weight, layout, param_grads,
+                   int nthreads):
+    """``group_norm_backward`` (num_groups an int) and ``instance_norm_backward`` (None):
+    (dx, dweight, dbias), or None."""
+    cdef GroupView v
+    if not _group_view(x, num_groups, layout, nthreads, &v):
+        return None
+    cdef Py_ssize_t C = v.G * v.Kc
+    if not _is_param(weight, v.t, C):
+        return None
+    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
+            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
+            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+        return None
+    if not _is_float_vector(mean, v.P * v.G, False, True) \
+            or not _is_float_vector(invstd, v.P * v.G, False, True):
+        return None
+    cdef bint grads
+    if param_grads is None:
+        grads = weight is not None
+    elif type(param_grads) is bool:
+        grads = param_grads
+    else:
+        return None
+    dx = _result(None, x, v.t, (dy, x))
+    cdef cnp.npy_intp c = C
+    dw = cnp.PyArray_EMPTY(1, &c, v.t, 0) if grads else None
+    db = cnp.PyArray_EMPTY(1, &c, v.t, 0) if grads else None
+    _backward_call(dy, x, v.P, v.M, v.G, v.Kc, v.Ks, v.nch, 1, 1, mean, invstd, weight, True,
+                   dx, dw, db, v.nt)
+    return dx, dw, db

@@ -42,7 +42,7 @@ class CompiledBackend:
         self._apply_fused = getattr(kernels, "apply_fused", None)
         if hasattr(kernels, "stream_min_bytes"):  # Cython: streaming stores for large outputs
             kernels.stream_min_bytes(_config.STREAM_MIN_BYTES)
-        # BatchNorm, LayerNorm and RMSNorm in one call from their user-facing arguments
+        # Each norm in one call from its user-facing arguments
         # (Cython; fastnorm.norms tries them first, see _kernels.pxi), with this driver's
         # split thresholds
         self.bn_train = getattr(kernels, "bn_train", None)
@@ -50,6 +50,8 @@ class CompiledBackend:
         self.bn_backward = getattr(kernels, "bn_backward", None)
         self.row_train = getattr(kernels, "row_train", None)
         self.row_backward = getattr(kernels, "row_backward", None)
+        self.group_train = getattr(kernels, "group_train", None)
+        self.group_backward = getattr(kernels, "group_backward", None)
         if hasattr(kernels, "configure"):
             kernels.configure(_config.PARALLEL_MIN_ELEMENTS, _config.RUN_COLUMNS_MIN_ELEMENTS,
                               _config.MIN_CHUNK_ELEMENTS, _config.MAX_CHUNKS,
