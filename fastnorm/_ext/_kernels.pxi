@@ -2118,13 +2118,13 @@ def row_backward(dy, x, mean, invstd, normalized_shape, weight, param_grads,
 
 # ----------------------------------------------------------------------------------------
 # GroupNorm and InstanceNorm in one call, on the same terms: layout exactly 'NCHW' or
-# 'NHWC', num_groups a Python int dividing the channels (None: InstanceNorm, which norms
-# alone passes it for; one channel
-# per group, declined when a channel has one value: norms raises), weight/bias None or
-# C-contiguous aligned (C,) arrays of x's dtype, running buffers (InstanceNorm) as for
-# bn_train.  The view is the driver's (fastnorm.norms.group_view): NCHW (N, 1, G, C/G, HW)
-# segments, NHWC (N, HW, G, C/G, 1) columns; declined where the driver's one-call passes
-# do not serve (segments split into parts).
+# 'NHWC', num_groups a Python int dividing the channels (None: InstanceNorm, one channel
+# per group, which norms alone passes; declined when a channel has one value: norms
+# raises), weight/bias None or C-contiguous aligned (C,) arrays of x's dtype, running
+# buffers (InstanceNorm) as for bn_train.  The view is the driver's
+# (fastnorm.norms.group_view): NCHW (N, 1, G, C/G, HW) segments, NHWC (N, HW, G, C/G, 1)
+# columns; declined where the driver's one-call passes do not serve (segments split into
+# parts; (N, C) in one group, the driver's row norm).
 # ----------------------------------------------------------------------------------------
 cdef struct GroupView:
     Py_ssize_t P, M, G, Kc, Ks, nch
