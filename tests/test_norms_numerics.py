@@ -363,6 +363,28 @@ def test_batchnorm_front_declines_what_it_does_not_take():
     assert k.bn_backward(x, x, rm, rv, w, "NCHW", None, 1, 1) is None  # param_grads not bool
 
 
+def _assert_front_is_the_driver(run, k, entries, monkeypatch):
+    """``run()`` (a list of results) gives the same bits, dtypes and shapes with the
+    one-call ``entries`` of backend ``k`` and without them (the driver's path), on 1 and
+    2 threads."""
+    with fn.use_backend("cython"):
+        for threads in (1, 2):
+            fn.set_num_threads(threads)
+            try:
+                front = run()
+                with monkeypatch.context() as m:
+                    for name in entries:
+                        m.setattr(k, name, None)
+                    driver = run()
+            finally:
+                fn.set_num_threads(2)
+            for a, c in zip(front, driver, strict=True):
+                assert (a is None) == (c is None)
+                if a is not None:
+                    assert a.dtype == c.dtype and a.shape == c.shape
+                    np.testing.assert_array_equal(a, c)
+
+
 # LayerNorm/RMSNorm rows around the thresholds: short rows, a 1-D input, two normalized
 # dimensions, rows on two threads, few long rows split into parts (train declined), rows
 # whose parameter gradients go by blocks of columns (backward declined).
@@ -413,22 +435,7 @@ def test_row_front_matches_validated_path(shape, ns, dtype, monkeypatch):
             out += [y, invrms, *F.rms_norm_backward(dy, x, invrms, ns, wa)]
         return out
 
-    with fn.use_backend("cython"):
-        for threads in (1, 2):
-            fn.set_num_threads(threads)
-            try:
-                front = run()
-                with monkeypatch.context() as m:
-                    m.setattr(k, "row_train", None)
-                    m.setattr(k, "row_backward", None)
-                    driver = run()
-            finally:
-                fn.set_num_threads(2)
-            for a, c in zip(front, driver, strict=True):
-                assert (a is None) == (c is None)
-                if a is not None:
-                    assert a.dtype == c.dtype and a.shape == c.shape
-                    np.testing.assert_array_equal(a, c)
+    _assert_front_is_the_driver(run, k, ("row_train", "row_backward"), monkeypatch)
 
 
 def test_row_front_declines_what_it_does_not_take():
@@ -524,22 +531,7 @@ def test_group_front_matches_validated_path(shape, G, layout, dtype, monkeypatch
                                                param_grads=True)]
         return out
 
-    with fn.use_backend("cython"):
-        for threads in (1, 2):
-            fn.set_num_threads(threads)
-            try:
-                front = run()
-                with monkeypatch.context() as m:
-                    m.setattr(k, "group_train", None)
-                    m.setattr(k, "group_backward", None)
-                    driver = run()
-            finally:
-                fn.set_num_threads(2)
-            for a, c in zip(front, driver, strict=True):
-                assert (a is None) == (c is None)
-                if a is not None:
-                    assert a.dtype == c.dtype and a.shape == c.shape
-                    np.testing.assert_array_equal(a, c)
+    _assert_front_is_the_driver(run, k, ("group_train", "group_backward"), monkeypatch)
 
 
 def test_group_front_declines_what_it_does_not_take():
