@@ -595,7 +595,8 @@ def test_sample_transpose_and_nhwc_flatten(dt):
     from fastnorm import ops
     infer = ops._infer
     rng = np.random.default_rng(0)
-    for shape in [(3, 4, 4, 32), (2, 3, 5, 7), (1, 1, 1, 9), (0, 2, 2, 3), (2, 5, 3, 17)]:
+    for shape in [(3, 4, 4, 32), (2, 3, 5, 7), (1, 1, 1, 9), (0, 2, 2, 3), (2, 5, 3, 17),
+                  (2, 0, 4, 3), (2, 3, 4, 0)]:
         x = rng.standard_normal(shape).astype(dt)
         N, R, K = shape[0], shape[1] * shape[2], shape[3]
         out = np.empty((N, K * R), dt)
@@ -612,7 +613,7 @@ def test_sample_transpose_and_nhwc_flatten(dt):
             np.testing.assert_array_equal(t.grad, np.moveaxis(
                 g.reshape(N, K, shape[1], shape[2]), 1, 3))
     x = np.zeros((2, 3, 4), dt)
-    with pytest.raises(ValueError, match="R, K: expected positive sizes"):
+    with pytest.raises(ValueError, match="R, K: expected sizes whose product divides"):
         infer.sample_transpose(x, np.empty_like(x), 5, 3)
     with pytest.raises(ValueError, match="out: expected"):
         infer.sample_transpose(x, np.empty(23, dt), 3, 4)

@@ -165,9 +165,10 @@ def sample_transpose(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t K)
     _same_size(out, x, "out")
     if not cnp.PyArray_ISWRITEABLE(out):
         raise ValueError("out: expected a writable array")
-    if R <= 0 or K <= 0 or n % (R * K):
-        raise ValueError(f"R, K: expected positive sizes whose product divides {n}, "
-                         f"got {R} and {K}")
+    if R < 0 or K < 0 or (n and (R * K == 0 or n % (R * K))):
+        raise ValueError(f"R, K: expected sizes whose product divides {n}, got {R} and {K}")
+    if n == 0:
+        return
     cdef char* xp = <char*>cnp.PyArray_DATA(x)
     cdef char* op = <char*>cnp.PyArray_DATA(out)
     cdef Py_ssize_t step = R * K * cnp.PyArray_ITEMSIZE(x), i
