@@ -13,8 +13,8 @@ Why turns: this VM's speed changes from minute to minute (fastnorm's epoch 28 ms
 minutes and 40 ms in others, PyTorch's 74 and 94 ms, not at the same moments), so timing
 all of one library's epochs and then the other's compared different minutes: one run in
 fifteen gave 1.88x where the others gave 2.3-3.3x.  Why processes: in one process, once
-PyTorch had run, its OpenMP threads slowed the fastnorm epochs timed after it ~2x (MLP:
-21 ms alone, 38-41 ms after PyTorch's).  Why 50 ms apart: each library's OpenMP threads
+PyTorch had run, its OpenMP threads slowed the fastnorm epochs timed after it ~2x (an
+earlier MLP epoch: 21 ms alone, 38-41 ms after PyTorch's).  Why 50 ms apart: each library's OpenMP threads
 keep spinning for a while after its epoch; back to back, the epoch after a turn change
 took up to 45-50 ms instead of 29 (median pair ratio 1.95-2.18 instead of 2.5-2.6).
 
@@ -142,8 +142,13 @@ class _Library:
                                 daemon=True)
         self.proc.start()
         child.close()
-        if self.conn.recv() != "ready":
-            raise RuntimeError(f"{impl} process did not start")
+        try:
+            ready = self.conn.recv()
+        except EOFError:  # it raised: its traceback is on stderr
+            ready = None
+        if ready != "ready":
+            raise RuntimeError(f"the {impl} training process did not start (see its "
+                               f"traceback above)")
 
     def epoch(self):
         self.conn.send("epoch")
