@@ -1790,18 +1790,85 @@ cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline int _front_type(object x, int min_ndim) noexcept:
+    """x's type number when the one-call entries take x as it is: an ndarray (not a
+    subclass) of float32/float64, C-contiguous, aligned, of min_ndim or more dimensions
+    and with values; -1 otherwise."""
+    if not cnp.PyArray_CheckExact(x):
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or cnp.PyArray_NDIM(a) < min_ndim \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a) \
+            or cnp.PyArray_SIZE(a) < 1:
+        return -1
+    return t
+
+
+cdef inline int _front_threads(Py_ssize_t total, int nthreads) noexcept nogil:
+    """The driver's ``_threads``: one below PARALLEL_MIN_ELEMENTS values."""
+    return 1 if total < _parallel_min else max(1, nthreads)
+
+
+cdef bint _served(Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ssize_t Ks,
+                  Py_ssize_t* nch) noexcept nogil:
+    """The driver's split of the view (P, M, G, Kc, Ks): for the column shape
+    (``_is_columns``) its row blocks per p (``_row_blocks``) into nch; for segments nch
+    1, and False when they are split into parts (``_nparts`` > 1), which the one-call
+    passes do not serve."""
+    if M > 1 and (Ks == 1 or P * M * G * Kc * Ks >= _run_columns_min):
+        nch[0] = max(1, min(M, _ceil_div(M * G * Kc * Ks, _min_chunk),
+                            _ceil_div(_max_chunks, P)))
+        return True
+    nch[0] = 1
+    cdef Py_ssize_t n = M * Kc * Ks
+    if P * G >= _split_units_below or n < _split_min:
+        return True
+    return max(1, min(_max_chunks // (P * G), n // _min_chunk)) == 1
+
+
+cdef inline bint _is_like(object a, object x, int t) noexcept:
+    """a is an ndarray (not a subclass) of type t and x's shape, C-contiguous, aligned
+    (a backward's dy)."""
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    return cnp.PyArray_TYPE(arr) == t and cnp.PyArray_SAMESHAPE(arr, <cnp.ndarray>x) \
+        and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+
+
+cdef inline int _grads_flag(object param_grads, object weight) noexcept:
+    """A backward's ``param_grads`` (None: weight is not None) as 1/0; -1 when it is
+    neither None nor a bool."""
+    if param_grads is None:
+        return weight is not None
+    if type(param_grads) is bool:
+        return 1 if param_grads else 0
+    return -1
+
+
+cdef bint _is_running(object running_mean, object running_var, object momentum,
+                      Py_ssize_t C) noexcept:
+    """Running buffers taken as they are (each None or a writable (C,) float vector) and,
+    when there is one, a Python float momentum in [0, 1]."""
+    if running_mean is None and running_var is None:
+        return True
+    if type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0:
+        return False
+    if running_mean is not None and not _is_float_vector(running_mean, C, True, False):
+        return False
+    return running_var is None or _is_float_vector(running_var, C, True, False)
+
+
 cdef bint _bn_view(object x, object layout, int nthreads, BnView* v) noexcept:
     """BatchNorm's view of x (channel_view) and the driver's split for it (``_nch``,
     ``_nparts``, ``_threads``); False when x or layout is not taken as is, or when the
     one-call passes do not serve the view (segments split into parts, one value)."""
-    if not cnp.PyArray_CheckExact(x) or type(layout) is not str:
+    cdef int t = _front_type(x, 2)
+    if t < 0 or type(layout) is not str:
         return False
     cdef cnp.ndarray a = <cnp.ndarray>x
-    cdef int t = cnp.PyArray_TYPE(a)
     cdef int nd = cnp.PyArray_NDIM(a)
-    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or nd < 2 \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
-        return False
     cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
     cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
     if total < 2:
@@ -1817,15 +1884,8 @@ cdef bint _bn_view(object x, object layout, int nthreads, BnView* v) noexcept:
     else:
         return False
     v.t = t
-    v.nt = 1 if total < _parallel_min else max(1, nthreads)
-    cdef Py_ssize_t n = v.M * v.Ks
-    if v.M > 1 and (v.Ks == 1 or total >= _run_columns_min):  # columns: _row_blocks
-        v.nch = max(1, min(v.M, min(_ceil_div(total, _min_chunk), _max_chunks)))
-        return True
-    v.nch = 1
-    if v.C >= _split_units_below or n < _split_min:  # segments, not split (_nparts 1)
-        return True
-    return max(1, min(_max_chunks // v.C, n // _min_chunk)) == 1
+    v.nt = _front_threads(total, nthreads)
+    return _served(1, v.M, v.C, 1, v.Ks, &v.nch)
 
 
 def bn_view(x, layout, int nthreads):
@@ -1899,15 +1959,9 @@ def bn_train(x, weight, bias, eps, layout, out, running_mean, running_var, momen
         return None
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == v.C:  # one value per channel: norms raises
         return None
-    if not _is_param(weight, v.t, v.C) or not _is_param(bias, v.t, v.C):
+    if not _is_param(weight, v.t, v.C) or not _is_param(bias, v.t, v.C) \
+            or not _is_running(running_mean, running_var, momentum, v.C):
         return None
-    if running_mean is not None or running_var is not None:
-        if type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0:
-            return None
-        if running_mean is not None and not _is_float_vector(running_mean, v.C, True, False):
-            return None
-        if running_var is not None and not _is_float_vector(running_var, v.C, True, False):
-            return None
     y = _result(out, x, v.t, (x,))
     if y is None:
         return None
@@ -1945,20 +1999,13 @@ def bn_backward(dy, x, mean, invstd, weight, layout, out, param_grads, int nthre
         return None
     if not _is_param(weight, v.t, v.C):
         return None
-    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
-            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
-            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+    if not _is_like(dy, x, v.t):
         return None
     if not _is_float_vector(mean, v.C, False, True) \
             or not _is_float_vector(invstd, v.C, False, True):
         return None
-    cdef bint grads
-    if param_grads is None:
-        grads = weight is not None
-    elif type(param_grads) is bool:
-        grads = param_grads
-    else:
+    cdef int grads = _grads_flag(param_grads, weight)
+    if grads < 0:
         return None
     dx = _result(out, x, v.t, (dy, x))
     if dx is None:
@@ -1991,16 +2038,13 @@ cdef struct RowView:
 cdef bint _row_view(object x, object normalized_shape, int nthreads, RowView* v) noexcept:
     """The rows of x over the trailing ``normalized_shape``; False when x or the shape is
     not taken as is, or when the rows are split into parts (``_nparts`` > 1)."""
-    if not cnp.PyArray_CheckExact(x):
+    cdef int t = _front_type(x, 1)
+    if t < 0:
         return False
     cdef cnp.ndarray a = <cnp.ndarray>x
-    cdef int t = cnp.PyArray_TYPE(a)
     cdef int nd = cnp.PyArray_NDIM(a)
-    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
-        return False
     cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
-    cdef Py_ssize_t K = 1, i
+    cdef Py_ssize_t K = 1, i, nch
     cdef int k
     if type(normalized_shape) is int:  # compared as Python ints: no overflow to raise
         if nd < 1 or <object>shape[nd - 1] != normalized_shape:
@@ -2019,16 +2063,14 @@ cdef bint _row_view(object x, object normalized_shape, int nthreads, RowView* v)
     else:
         return False
     cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
-    if K < 1 or total < 1:
+    if K < 1:
         return False
     v.R = total // K
     v.K = K
     v.k = k
     v.t = t
-    v.nt = 1 if total < _parallel_min else max(1, nthreads)
-    # _nparts of the view (R, 1, 1, K, 1): 1 unless few long rows
-    return v.R >= _split_units_below or K < _split_min \
-        or max(1, min(_max_chunks // v.R, K // _min_chunk)) == 1
+    v.nt = _front_threads(total, nthreads)
+    return _served(v.R, 1, 1, K, 1, &nch)  # segments: unless few long rows in parts
 
 
 cdef inline bint _is_row_param(object p, RowView* v, object x) noexcept:
@@ -2086,21 +2128,14 @@ def row_backward(dy, x, mean, invstd, normalized_shape, weight, param_grads,
     cdef RowView v
     if not _row_view(x, normalized_shape, nthreads, &v) or not _is_row_param(weight, &v, x):
         return None
-    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
-            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
-            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+    if not _is_like(dy, x, v.t):
         return None
     cdef bint center = mean is not None
     if (center and not _is_float_vector(mean, v.R, False, True)) \
             or not _is_float_vector(invstd, v.R, False, True):
         return None
-    cdef bint grads
-    if param_grads is None:
-        grads = weight is not None
-    elif type(param_grads) is bool:
-        grads = param_grads
-    else:
+    cdef int grads = _grads_flag(param_grads, weight)
+    if grads < 0:
         return None
     # _row_chunks: chunks of rows x blocks of columns for the parameter gradients
     cdef Py_ssize_t nblk = max(1, min(_max_chunks, v.K // _min_chunk))
@@ -2134,18 +2169,13 @@ cdef struct GroupView:
 
 cdef bint _group_view(object x, object num_groups, object layout, int nthreads,
                       GroupView* v) noexcept:
-    if not cnp.PyArray_CheckExact(x) or type(layout) is not str:
+    cdef int t = _front_type(x, 2 if num_groups is not None else 3)
+    if t < 0 or type(layout) is not str:
         return False
     cdef cnp.ndarray a = <cnp.ndarray>x
-    cdef int t = cnp.PyArray_TYPE(a)
     cdef int nd = cnp.PyArray_NDIM(a)
-    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or nd < (2 if num_groups is not None else 3) \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
-        return False
     cdef Py_ssize_t total = cnp.PyArray_SIZE(a)
     cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
-    if total < 1:
-        return False
     cdef Py_ssize_t N = shape[0], C, S, G
     if layout == "NCHW":
         C = shape[1]
@@ -2174,16 +2204,8 @@ cdef bint _group_view(object x, object num_groups, object layout, int nthreads,
     if v.M == 1 and v.Ks == 1 and G == 1:  # (N, C) in one group: the driver's row norm
         return False
     v.t = t
-    v.nt = 1 if total < _parallel_min else max(1, nthreads)
-    cdef Py_ssize_t n = v.M * v.Kc * v.Ks
-    if v.M > 1 and (v.Ks == 1 or total >= _run_columns_min):  # columns: _row_blocks
-        v.nch = max(1, min(v.M, _ceil_div(v.M * C * v.Ks, _min_chunk),
-                           _ceil_div(_max_chunks, v.P)))
-        return True
-    v.nch = 1
-    if v.P * G >= _split_units_below or n < _split_min:  # segments, not split
-        return True
-    return max(1, min(_max_chunks // (v.P * G), n // _min_chunk)) == 1
+    v.nt = _front_threads(total, nthreads)
+    return _served(v.P, v.M, G, v.Kc, v.Ks, &v.nch)
 
 
 def group_view(x, num_groups, layout, int nthreads):
@@ -2205,15 +2227,9 @@ def group_train(x, num_groups, weight, bias, eps, layout, running_mean, running_
     cdef Py_ssize_t C = v.G * v.Kc
     if not _is_param(weight, v.t, C) or not _is_param(bias, v.t, C):
         return None
-    if running_mean is not None or running_var is not None:
-        if num_groups is not None:
-            return None
-        if type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0:
-            return None
-        if running_mean is not None and not _is_float_vector(running_mean, C, True, False):
-            return None
-        if running_var is not None and not _is_float_vector(running_var, C, True, False):
-            return None
+    if (num_groups is not None and (running_mean is not None or running_var is not None)) \
+            or not _is_running(running_mean, running_var, momentum, C):
+        return None  # (running buffers are InstanceNorm's)
     y = _result(None, x, v.t, (x,))
     cdef cnp.npy_intp dims[2]
     dims[0] = v.P
@@ -2236,20 +2252,13 @@ def group_backward(dy, x, mean, invstd, num_groups, weight, layout, param_grads,
     cdef Py_ssize_t C = v.G * v.Kc
     if not _is_param(weight, v.t, C):
         return None
-    if not cnp.PyArray_CheckExact(dy) or cnp.PyArray_TYPE(<cnp.ndarray>dy) != v.t \
-            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>dy, <cnp.ndarray>x) \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>dy) \
-            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>dy):
+    if not _is_like(dy, x, v.t):
         return None
     if not _is_float_vector(mean, v.P * v.G, False, True) \
             or not _is_float_vector(invstd, v.P * v.G, False, True):
         return None
-    cdef bint grads
-    if param_grads is None:
-        grads = weight is not None
-    elif type(param_grads) is bool:
-        grads = param_grads
-    else:
+    cdef int grads = _grads_flag(param_grads, weight)
+    if grads < 0:
         return None
     dx = _result(None, x, v.t, (dy, x))
     cdef cnp.npy_intp c = C
