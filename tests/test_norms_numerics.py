@@ -336,6 +336,18 @@ def test_batchnorm_front_matches_validated_path(shape, layout, dtype):
         np.testing.assert_array_equal(a, c)
 
 
+def _assert_declines(entry, base, bad, tail, kept=()):
+    """``entry(*args, *tail)`` returns None for ``base`` changed by each dict of ``bad``
+    (arguments in base's order), and the arrays in ``kept`` stay as they were."""
+    for change in bad:
+        args = dict(base)
+        args.update(change)
+        before = [a.copy() for a in kept]
+        assert entry(*args.values(), *tail) is None, change
+        for a, b in zip(kept, before):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_batchnorm_front_declines_what_it_does_not_take():
     """Arguments the one-call entries do not take as they are give None (the validated
     path then converts or raises), and nothing is written."""
@@ -350,14 +362,9 @@ def test_batchnorm_front_declines_what_it_does_not_take():
            dict(eps=0.0), dict(eps=1), dict(momentum=2.0), dict(running_mean=ro),
            dict(running_var=np.ones(4, np.float32)), dict(out=np.empty((4, 3, 2, 2))),
            dict(out=np.empty((4, 3, 2, 1), np.float32)), dict(x=np.ones((1, 3), np.float32))]
-    for change in bad:
-        args = dict(x=x, weight=w, bias=None, eps=1e-5, layout="NCHW", out=None,
-                    running_mean=rm, running_var=rv, momentum=0.1)
-        args.update(change)
-        before = rm.copy(), rv.copy()
-        assert k.bn_train(*args.values(), 2) is None, change
-        np.testing.assert_array_equal(rm, before[0])
-        np.testing.assert_array_equal(rv, before[1])
+    _assert_declines(k.bn_train, dict(x=x, weight=w, bias=None, eps=1e-5, layout="NCHW",
+                                      out=None, running_mean=rm, running_var=rv,
+                                      momentum=0.1), bad, (2,), kept=(rm, rv))
     assert k.bn_eval(x, None, rv, w, None, 1e-5, "NCHW", None, 1) is None
     assert k.bn_backward(x.astype(np.float64), x, rm, rv, w, "NCHW", None, None, 1) is None
     assert k.bn_backward(x, x, rm, rv, w, "NCHW", None, 1, 1) is None  # param_grads not bool
@@ -450,10 +457,8 @@ def test_row_front_declines_what_it_does_not_take():
            dict(weight=w.astype(np.float64)), dict(weight=np.ones(7, np.float32)),
            dict(weight=np.ones((1, 8), np.float32)), dict(bias=w[::-1]), dict(eps=0.0),
            dict(eps=1), dict(eps=float("nan")), dict(x=np.ones((4, 0), np.float32), ns=0)]
-    for change in bad:
-        args = dict(x=x, ns=8, weight=w, bias=None, eps=1e-5)
-        args.update(change)
-        assert k.row_train(*args.values(), True, 2) is None, change
+    _assert_declines(k.row_train, dict(x=x, ns=8, weight=w, bias=None, eps=1e-5), bad,
+                     (True, 2))
     stat = np.ones(12, np.float32)
     assert k.row_backward(x.astype(np.float64), x, stat, stat, 8, w, None, 1) is None
     assert k.row_backward(x, x, stat[:11], stat, 8, w, None, 1) is None
@@ -551,14 +556,9 @@ def test_group_front_declines_what_it_does_not_take():
            dict(running_mean=rm),  # running buffers are InstanceNorm's only
            dict(G=None, x=np.ones((4, 6, 1, 1), np.float32)),  # one value per channel
            dict(G=None, x=np.ones((4, 6), np.float32)), dict(x=np.ones((4, 0, 2), np.float32))]
-    for change in bad:
-        args = dict(x=x, G=2, weight=w, bias=None, eps=1e-5, layout="NCHW",
-                    running_mean=None, running_var=None, momentum=0.1)
-        args.update(change)
-        before = rm.copy(), rv.copy()
-        assert k.group_train(*args.values(), 2) is None, change
-        np.testing.assert_array_equal(rm, before[0])
-        np.testing.assert_array_equal(rv, before[1])
+    _assert_declines(k.group_train, dict(x=x, G=2, weight=w, bias=None, eps=1e-5,
+                                         layout="NCHW", running_mean=None, running_var=None,
+                                         momentum=0.1), bad, (2,), kept=(rm, rv))
     stat = np.ones(8, np.float32)
     assert k.group_backward(x.astype(np.float64), x, stat, stat, 2, w, "NCHW", None, 1) is None
     assert k.group_backward(x, x, stat[:7], stat, 2, w, "NCHW", None, 1) is None
