@@ -354,14 +354,28 @@ def _item_grad_sums(dy, x, base, rowstride, L, Ks, f0, f1, mean, weight, wofs,
         if Ks == 1:
             dys = dy[off + ja:off + jb]
             xs = x[off + ja:off + jb]
-            if want:
+            if want:  # one loop per case, as Cython's _grad_sums_values
                 s1 = sdy[sofs + ja:sofs + jb]
                 s2 = sdyxc[sofs + ja:sofs + jb]
-                for j in range(xs.size):
-                    d = np.float64(dys[j])
-                    s1[j] += d
-                    s2[j] += d * (np.float64(xs[j]) - mean)
-            if has_w:
+                if has_w:
+                    ws = weight[wofs + ja:wofs + jb]
+                    for j in range(xs.size):
+                        d = np.float64(dys[j])
+                        xc = np.float64(xs[j]) - mean
+                        w = np.float64(ws[j])
+                        A += w * d
+                        B += w * d * xc
+                        s1[j] += d
+                        s2[j] += d * xc
+                else:
+                    for j in range(xs.size):
+                        d = np.float64(dys[j])
+                        xc = np.float64(xs[j]) - mean
+                        A += d
+                        B += d * xc
+                        s1[j] += d
+                        s2[j] += d * xc
+            elif has_w:
                 ws = weight[wofs + ja:wofs + jb]
                 for j in range(xs.size):
                     g = np.float64(dys[j]) * np.float64(ws[j])
