@@ -170,3 +170,36 @@ def test_winograd_twins_give_the_same_bits(layout, dtype):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
+
+
+# Blocks of rows (W values each) on both sides of the strips / rows-of-four thresholds of
+# _simd.h (FN_STRIPS, FN_SUMS_STRIPS, FN_LOCAL_SUMS): narrow rows, W not a multiple of
+# 4, rows not a multiple of 4, blocks larger than the cache chunks, W above the stack
+# accumulators.
+COLUMN_BLOCKS = [(5000, 8), (3001, 17), (2049, 32), (4099, 32), (1027, 61), (1537, 64),
+                 (401, 256), (303, 300)]
+
+
+@pytest.mark.parametrize("rows,W", COLUMN_BLOCKS)
+def test_column_sums_are_the_row_ordered_float64_sums(rows, W):
+    """col_sums / col_grad_sums over one block: each column summed over the rows in
+    float64, in both builds: the sequential float64 sums to within the rounding of a
+    float64 sum of ``rows`` terms (the build's -fassociative-math may regroup them; a
+    row left out or counted twice would be ~1e8 times that)."""
+    rng = np.random.default_rng(W)
+    x = (rng.standard_normal(rows * W) * 3 + 50).astype(np.float32)
+    dy = rng.standard_normal(rows * W).astype(np.float32)
+    shift = rng.uniform(45, 55, W)
+    d = x.reshape(rows, W).astype(np.float64) - shift
+    g = dy.reshape(rows, W).astype(np.float64)
+    want = [np.cumsum(d, 0)[-1], np.cumsum(d * d, 0)[-1],
+            np.cumsum(g, 0)[-1], np.cumsum(g * d, 0)[-1]]
+    scale = [np.abs(d).sum(0), (d * d).sum(0), np.abs(g).sum(0), np.abs(g * d).sum(0)]
+    mods = [portable] + ([_twin()] if portable.cpu_has_avx2_fma() else [])
+    for mod in mods:
+        got = [np.full(W, np.nan) for _ in range(4)]
+        mod.col_sums(x, 1, rows, W, 1, 1, shift, got[0], got[1], 2)
+        mod.col_grad_sums(dy, x, 1, rows, W, 1, 1, shift, got[2], got[3], 2)
+        for name, a, b, s in zip(("sum", "squares", "dy", "dy*xc"), got, want, scale):
+            np.testing.assert_allclose(a, b, rtol=0, atol=rows * 2.3e-16 * s.max(),
+                                       err_msg=f"{mod.__name__} {name}")

@@ -188,6 +188,8 @@ THREAD_SHAPES = [
     ("batch_norm", "NCHW", (3, 4, 40000), None, {"col_sums", "col_grad_sums"}),
     ("batch_norm", "NCHW", (16, 32, 16, 16), None, {"seg_forward", "seg_backward"}),
     ("batch_norm", "NHWC", (64, 8, 8, 32), None, {"col_sums", "col_grad_sums"}),
+    # blocks of rows over the cache chunks: summed four rows at a time (_simd.h)
+    ("batch_norm", "NHWC", (32, 32, 32, 40), None, {"col_sums", "col_grad_sums"}),
     ("layer_norm", "last1", (1, 1 << 18), None, {"seg_sums", "seg_grad_sums"}),
     ("layer_norm", "last1", (192, 768), None, {"seg_forward", "rows_backward"}),
     # rows long enough for their parameter gradients to go in blocks of columns
