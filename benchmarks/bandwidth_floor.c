@@ -1,19 +1,25 @@
-/* The memory-bandwidth floor of BatchNorm's passes on this machine, for the
- * performance notes (docs/performance.md): the fastest each of the passes a BatchNorm
- * training forward+backward must make can run, on all threads, with the SIMD loads and
- * streaming stores the kernels use.  Arrays of N float32 values:
+/* The memory-bandwidth floor of BatchNorm's passes on this machine: the fastest each of
+ * the passes a BatchNorm training forward+backward must make can run, on all threads,
+ * with the SIMD loads and streaming stores the kernels use.  Arrays of n float32 values:
  *
- *     read x                          (forward: the statistics)
- *     read x, write y                 (forward: y; eval: y from the running statistics)
- *     read dy and x                   (backward: the gradient sums)
- *     read dy and x, write dx         (backward: dx)
+ *     0  read x                          (forward: the statistics)
+ *     1  read x, write y                 (forward: y; eval: y from the running statistics)
+ *     2  read dy and x                   (backward: the gradient sums)
+ *     3  read dy and x, write dx         (backward: dx)
  *
  * Their sum is the floor of a forward+backward (no library can read less: the
- * statistics are needed before y, the sums before dx); "read x, write y" alone is the
- * floor of eval.  Each is the best of 15 runs.
+ * statistics are needed before y, the sums before dx); 0 + 1 the floor of a training
+ * forward; 1 alone the floor of eval.
+ *
+ * As a program, the best of 15 runs of each (docs/performance.md):
  *
  *     gcc -O3 -mavx2 -fopenmp benchmarks/bandwidth_floor.c -o /tmp/floor
  *     OMP_NUM_THREADS=2 /tmp/floor 12845056     # (64,56,56,64): 12.8M values
+ *
+ * As a library, ``floor_pass`` runs one pass (benchmarks/test_bench_floor.py times it
+ * in turns with fastnorm and PyTorch):
+ *
+ *     gcc -O3 -mavx2 -fopenmp -shared -fPIC -DFLOOR_LIBRARY bandwidth_floor.c -o floor.so
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -21,13 +27,47 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Pass ``kind`` (0-3 above) over n values (a multiple of 8; a, b, c 32-byte aligned):
+ * x is a, dy is b, the output c.  Returns a value of the reads, so that they are kept. */
+float floor_pass(int kind, const float* a, const float* b, float* c, long n)
+{
+    float s = 0;
+    if (kind == 0) {
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (long i = 0; i < n; i += 8) {
+            float v[8];
+            _mm256_storeu_ps(v, _mm256_load_ps(a + i));
+            s += v[0] + v[7];
+        }
+    } else if (kind == 1) {
+#pragma omp parallel for schedule(static)
+        for (long i = 0; i < n; i += 8)
+            _mm256_stream_ps(c + i, _mm256_load_ps(a + i));
+        _mm_sfence();
+    } else if (kind == 2) {
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (long i = 0; i < n; i += 8) {
+            float v[8];
+            _mm256_storeu_ps(v, _mm256_add_ps(_mm256_load_ps(a + i), _mm256_load_ps(b + i)));
+            s += v[0] + v[7];
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (long i = 0; i < n; i += 8)
+            _mm256_stream_ps(c + i, _mm256_add_ps(_mm256_load_ps(a + i), _mm256_load_ps(b + i)));
+        _mm_sfence();
+    }
+    return s;
+}
+
+#ifndef FLOOR_LIBRARY
 int main(int argc, char** argv)
 {
     if (argc != 2) {
         fprintf(stderr, "usage: %s VALUES\n", argv[0]);
         return 2;
     }
-    size_t n = (size_t)atol(argv[1]) / 8 * 8;
+    long n = atol(argv[1]) / 8 * 8;
     float* a = aligned_alloc(64, n * 4);
     float* b = aligned_alloc(64, n * 4);
     float* c = aligned_alloc(64, n * 4);
@@ -39,42 +79,13 @@ int main(int argc, char** argv)
     double best[4] = {1e9, 1e9, 1e9, 1e9};
     volatile float sink = 0;
     for (int r = 0; r < 15; r++) {
-        double t = omp_get_wtime();
-        float s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-        for (size_t i = 0; i < n; i += 8) {
-            float v[8];
-            _mm256_storeu_ps(v, _mm256_load_ps(a + i));
-            s += v[0] + v[7];
+        for (int k = 0; k < 4; k++) {
+            double t = omp_get_wtime();
+            sink += floor_pass(k, a, b, c, n);
+            t = omp_get_wtime() - t;
+            if (t < best[k])
+                best[k] = t;
         }
-        t = omp_get_wtime() - t;
-        sink += s;
-        if (t < best[0]) best[0] = t;
-        t = omp_get_wtime();
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i += 8)
-            _mm256_stream_ps(c + i, _mm256_load_ps(a + i));
-        _mm_sfence();
-        t = omp_get_wtime() - t;
-        if (t < best[1]) best[1] = t;
-        t = omp_get_wtime();
-        s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-        for (size_t i = 0; i < n; i += 8) {
-            float v[8];
-            _mm256_storeu_ps(v, _mm256_add_ps(_mm256_load_ps(a + i), _mm256_load_ps(b + i)));
-            s += v[0] + v[7];
-        }
-        t = omp_get_wtime() - t;
-        sink += s;
-        if (t < best[2]) best[2] = t;
-        t = omp_get_wtime();
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i += 8)
-            _mm256_stream_ps(c + i, _mm256_add_ps(_mm256_load_ps(a + i), _mm256_load_ps(b + i)));
-        _mm_sfence();
-        t = omp_get_wtime() - t;
-        if (t < best[3]) best[3] = t;
     }
     double mb = n * 4.0 / 1e6;
     const char* name[4] = {"read x", "read x, write y", "read dy and x",
@@ -88,3 +99,4 @@ int main(int argc, char** argv)
            (best[0] + best[1] + best[2] + best[3]) * 1e3, best[1] * 1e3);
     return sink == 12345.0f;
 }
+#endif
