@@ -1816,9 +1816,12 @@ cdef bint _served(Py_ssize_t P, Py_ssize_t M, Py_ssize_t G, Py_ssize_t Kc, Py_ss
     (``_is_columns``) its row blocks per p (``_row_blocks``) into nch; for segments nch
     1, and False when they are split into parts (``_nparts`` > 1), which the one-call
     passes do not serve."""
+    cdef Py_ssize_t per_p
     if M > 1 and (Ks == 1 or P * M * G * Kc * Ks >= _run_columns_min):
-        nch[0] = max(1, min(M, _ceil_div(M * G * Kc * Ks, _min_chunk),
-                            _ceil_div(_max_chunks, P)))
+        per_p = _ceil_div(M * G * Kc * Ks, _min_chunk)
+        if per_p > 1:
+            per_p += per_p & 1  # even (the driver's _row_blocks)
+        nch[0] = max(1, min(M, per_p, _ceil_div(_max_chunks, P)))
         return True
     nch[0] = 1
     cdef Py_ssize_t n = M * Kc * Ks
