@@ -4,6 +4,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, NAN, INFINITY
+from libc.string cimport memcpy
 
 cdef extern from *:
     """
@@ -1231,7 +1232,7 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
     (p, group), parallel over ``nch`` row blocks per p (float32 in float32 with split
     means).  -1 when out of memory."""
     cdef Py_ssize_t W = G * Kc
-    cdef Py_ssize_t it, p, c, ci, m0, m1
+    cdef Py_ssize_t it, p, c, ci, g, kc, m0, m1
     cdef double mu, a, bias
     cdef double* co = NULL  # float64: alpha, beta per (p, column)
     cdef float* fw = NULL  # float32: mean hi, lo, alpha, bias per (p, column)
@@ -1246,9 +1247,10 @@ cdef int _col_apply_stats(const floating* xp, floating* yp, Py_ssize_t P, Py_ssi
             return -1
     for p in range(P):
         for c in range(W):
+            g = c // Kc if Kc > 1 else c  # (BatchNorm: no division per column)
             ci = p * W + c
-            mu = mean[p * G + c // Kc]
-            a = invstd[p * G + c // Kc]
+            mu = mean[p * G + g]
+            a = invstd[p * G + g]
             if wp != NULL:
                 a = a * <double>wp[c]
             bias = <double>bp[c] if bp != NULL else 0.0
@@ -1299,9 +1301,10 @@ cdef int _col_forward(const floating* xp, floating* yp, Py_ssize_t P, Py_ssize_t
     cdef double* s2 = work + nb * W
     cdef double* sh = work + 2 * nb * W
     for p in range(P):
-        for c in range(W):  # each group's first value (row 0, its first channel)
-            sh[p * W + c] = (<double>xp[(p * M * W + (c // Kc) * Kc) * Ks] if center
-                             else 0.0)
+        for g in range(G):  # each group's first value (row 0, its first channel)
+            for kc in range(Kc):
+                sh[p * W + g * Kc + kc] = (<double>xp[(p * M * W + g * Kc) * Ks] if center
+                                           else 0.0)
     for it in prange(nb, schedule='static', num_threads=nt):
         p = it // nch
         c = it - p * nch
@@ -1453,9 +1456,13 @@ cdef int _col_backward(const floating* dyp, const floating* xp, floating* dxp,
     cdef double* k1w = mw + P * W
     cdef double* k2w = k1w + P * W
     cdef double* k3w = k2w + P * W
-    for p in range(P):
-        for c in range(W):
-            mw[p * W + c] = mean[p * G + c // Kc]
+    if Kc == 1:  # (BatchNorm: one column per group)
+        memcpy(mw, mean, P * W * sizeof(double))
+    else:
+        for p in range(P):
+            for g in range(G):
+                for kc in range(Kc):
+                    mw[p * W + g * Kc + kc] = mean[p * G + g]
     for it in prange(nb, schedule='static', num_threads=nt):
         p = it // nch
         c = it - p * nch
