@@ -172,12 +172,12 @@ def test_winograd_twins_give_the_same_bits(layout, dtype):
 
 
 
-# Blocks of rows (W values each) on both sides of the strips / rows-of-four thresholds of
-# _simd.h (FN_STRIPS, FN_SUMS_STRIPS, FN_LOCAL_SUMS): narrow rows, W not a multiple of
-# 4, rows not a multiple of 4, blocks larger than the cache chunks, W above the stack
-# accumulators.
+# Blocks of rows (W values each) on both sides of the thresholds of _simd.h's column sums
+# (FN_STRIPS, FN_SUMS_STRIPS, FN_ROWS4_MAX_W): narrow rows, W not a multiple of 4, rows
+# not a multiple of 4, blocks larger than the cache chunks, rows too wide for four at a
+# time.
 COLUMN_BLOCKS = [(5000, 8), (3001, 17), (2049, 32), (4099, 32), (1027, 61), (1537, 64),
-                 (401, 256), (303, 300)]
+                 (1003, 100), (401, 256), (303, 300)]
 
 
 @pytest.mark.parametrize("rows,W", COLUMN_BLOCKS)

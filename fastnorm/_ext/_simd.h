@@ -352,37 +352,18 @@ static inline void fn_col_gsums_strips(const float* dy, const float* x, Py_ssize
 /* Row by row, the accumulators in memory (L1): for wide rows, where the strips above
  * would read x a cache line per row per strip and wait on memory (measured 0.37 against
  * 0.9-1.1 ns/value at W = 256 out of cache).  Same order per column. */
+/* The widest rows summed four at a time (see fn_col_sums_f32). */
+#define FN_ROWS4_MAX_W 64
+
 static inline void fn_col_sums_rows(const float* x, Py_ssize_t rows, Py_ssize_t W,
                                     const double* shift, double* s1, double* s2) {
-    Py_ssize_t m = 0, w;
+    Py_ssize_t m, w;
     double d;
     for (w = 0; w < W; w++) {
         s1[w] = 0.0;
         s2[w] = 0.0;
     }
-#if FN_SIMD
-    /* Four rows per load and store of the sums (the same additions in the same order:
-     * the same bits as one row at a time). */
-    for (; m + 4 <= rows; m += 4) {
-        const float* r = x + m * W;
-        for (w = 0; w + FN_VW <= W; w += FN_VW) {
-            fn_vd h = FN_LDD(shift + w);
-            fn_vd d0 = FN_SUB(FN_LD(r + w), h), d1 = FN_SUB(FN_LD(r + W + w), h);
-            fn_vd d2 = FN_SUB(FN_LD(r + 2 * W + w), h), d3 = FN_SUB(FN_LD(r + 3 * W + w), h);
-            FN_STD(s1 + w, FN_ADD(FN_ADD(FN_ADD(FN_ADD(FN_LDD(s1 + w), d0), d1), d2), d3));
-            FN_STD(s2 + w, FN_FMA(d3, d3, FN_FMA(d2, d2, FN_FMA(d1, d1,
-                                  FN_FMA(d0, d0, FN_LDD(s2 + w))))));
-        }
-        for (; w < W; w++) {
-            for (Py_ssize_t k = 0; k < 4; k++) {
-                d = (double)r[k * W + w] - shift[w];
-                s1[w] += d;
-                s2[w] += d * d;
-            }
-        }
-    }
-#endif
-    for (; m < rows; m++) {
+    for (m = 0; m < rows; m++) {
         const float* r = x + m * W;
         w = 0;
 #if FN_SIMD
@@ -400,40 +381,63 @@ static inline void fn_col_sums_rows(const float* x, Py_ssize_t rows, Py_ssize_t 
     }
 }
 
+/* As fn_col_sums_rows, four rows per load and store of the sums (the same additions in
+ * the same order), into accumulators on the stack (W <= FN_ROWS4_MAX_W), copied out at
+ * the end. */
+static inline void fn_col_sums_rows4(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                     const double* shift, double* s1, double* s2) {
+    double a[FN_ROWS4_MAX_W] __attribute__((aligned(64)));
+    double b[FN_ROWS4_MAX_W] __attribute__((aligned(64)));
+    Py_ssize_t m = 0, w, k;
+    double d;
+    for (w = 0; w < W; w++) {
+        a[w] = 0.0;
+        b[w] = 0.0;
+    }
+    for (; m + 4 <= rows; m += 4) {
+        const float* r = x + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd h = FN_LDD(shift + w);
+            fn_vd d0 = FN_SUB(FN_LD(r + w), h), d1 = FN_SUB(FN_LD(r + W + w), h);
+            fn_vd d2 = FN_SUB(FN_LD(r + 2 * W + w), h), d3 = FN_SUB(FN_LD(r + 3 * W + w), h);
+            FN_STD(a + w, FN_ADD(FN_ADD(FN_ADD(FN_ADD(FN_LDD(a + w), d0), d1), d2), d3));
+            FN_STD(b + w, FN_FMA(d3, d3, FN_FMA(d2, d2, FN_FMA(d1, d1,
+                                 FN_FMA(d0, d0, FN_LDD(b + w))))));
+        }
+#endif
+        for (; w < W; w++) {
+            for (k = 0; k < 4; k++) {
+                d = (double)r[k * W + w] - shift[w];
+                a[w] += d;
+                b[w] += d * d;
+            }
+        }
+    }
+    for (; m < rows; m++) {
+        for (w = 0; w < W; w++) {
+            d = (double)x[m * W + w] - shift[w];
+            a[w] += d;
+            b[w] += d * d;
+        }
+    }
+    for (w = 0; w < W; w++) {
+        s1[w] = a[w];
+        s2[w] = b[w];
+    }
+}
+
 static inline void fn_col_gsums_rows(const float* dy, const float* x, Py_ssize_t rows,
                                      Py_ssize_t W, const double* mean, double* sdy,
                                      double* sdyxc) {
-    Py_ssize_t m = 0, w;
+    Py_ssize_t m, w;
     double d;
     for (w = 0; w < W; w++) {
         sdy[w] = 0.0;
         sdyxc[w] = 0.0;
     }
-#if FN_SIMD
-    /* Four rows per load and store of the sums, as fn_col_sums_rows (the same bits). */
-    for (; m + 4 <= rows; m += 4) {
-        const float* g = dy + m * W;
-        const float* r = x + m * W;
-        for (w = 0; w + FN_VW <= W; w += FN_VW) {
-            fn_vd mu = FN_LDD(mean + w);
-            fn_vd g0 = FN_LD(g + w), g1 = FN_LD(g + W + w);
-            fn_vd g2 = FN_LD(g + 2 * W + w), g3 = FN_LD(g + 3 * W + w);
-            FN_STD(sdy + w, FN_ADD(FN_ADD(FN_ADD(FN_ADD(FN_LDD(sdy + w), g0), g1), g2), g3));
-            fn_vd c = FN_FMA(g0, FN_SUB(FN_LD(r + w), mu), FN_LDD(sdyxc + w));
-            c = FN_FMA(g1, FN_SUB(FN_LD(r + W + w), mu), c);
-            c = FN_FMA(g2, FN_SUB(FN_LD(r + 2 * W + w), mu), c);
-            FN_STD(sdyxc + w, FN_FMA(g3, FN_SUB(FN_LD(r + 3 * W + w), mu), c));
-        }
-        for (; w < W; w++) {
-            for (Py_ssize_t k = 0; k < 4; k++) {
-                d = (double)g[k * W + w];
-                sdy[w] += d;
-                sdyxc[w] += d * ((double)r[k * W + w] - mean[w]);
-            }
-        }
-    }
-#endif
-    for (; m < rows; m++) {
+    for (m = 0; m < rows; m++) {
         const float* g = dy + m * W;
         const float* r = x + m * W;
         w = 0;
@@ -453,61 +457,91 @@ static inline void fn_col_gsums_rows(const float* dy, const float* x, Py_ssize_t
     }
 }
 
-/* Strips for rows of up to 16 values or a block small enough to be in cache; rows of
- * four at a time otherwise.  Both the same values (each column summed over the rows in
- * order).  Measured over (M, W) blocks of 200K values, 2 threads, the passes alternating
- * in one program (/tmp harness over these functions; the floor is benchmarks/
- * bandwidth_floor.c's read pass): the gradient sums at W = 32 took 1.98 ms in strips
- * (chunks of 128 rows), 0.92 ms in rows of four, floor 0.81 (at W = 16 a tie, W = 24-48
- * 1.2-1.7x faster in rows); the sums at W = 32 1.00 vs 0.90 ms.  Rows one at a time, as
- * before, had made the strips the faster for W <= 32. */
+/* As fn_col_gsums_rows, four rows at a time into stack accumulators (fn_col_sums_rows4). */
+static inline void fn_col_gsums_rows4(const float* dy, const float* x, Py_ssize_t rows,
+                                      Py_ssize_t W, const double* mean, double* sdy,
+                                      double* sdyxc) {
+    double a[FN_ROWS4_MAX_W] __attribute__((aligned(64)));
+    double b[FN_ROWS4_MAX_W] __attribute__((aligned(64)));
+    Py_ssize_t m = 0, w, k;
+    double d;
+    for (w = 0; w < W; w++) {
+        a[w] = 0.0;
+        b[w] = 0.0;
+    }
+    for (; m + 4 <= rows; m += 4) {
+        const float* g = dy + m * W;
+        const float* r = x + m * W;
+        w = 0;
+#if FN_SIMD
+        for (; w + FN_VW <= W; w += FN_VW) {
+            fn_vd mu = FN_LDD(mean + w);
+            fn_vd g0 = FN_LD(g + w), g1 = FN_LD(g + W + w);
+            fn_vd g2 = FN_LD(g + 2 * W + w), g3 = FN_LD(g + 3 * W + w);
+            FN_STD(a + w, FN_ADD(FN_ADD(FN_ADD(FN_ADD(FN_LDD(a + w), g0), g1), g2), g3));
+            fn_vd c = FN_FMA(g0, FN_SUB(FN_LD(r + w), mu), FN_LDD(b + w));
+            c = FN_FMA(g1, FN_SUB(FN_LD(r + W + w), mu), c);
+            c = FN_FMA(g2, FN_SUB(FN_LD(r + 2 * W + w), mu), c);
+            FN_STD(b + w, FN_FMA(g3, FN_SUB(FN_LD(r + 3 * W + w), mu), c));
+        }
+#endif
+        for (; w < W; w++) {
+            for (k = 0; k < 4; k++) {
+                d = (double)g[k * W + w];
+                a[w] += d;
+                b[w] += d * ((double)r[k * W + w] - mean[w]);
+            }
+        }
+    }
+    for (; m < rows; m++) {
+        for (w = 0; w < W; w++) {
+            d = (double)dy[m * W + w];
+            a[w] += d;
+            b[w] += d * ((double)x[m * W + w] - mean[w]);
+        }
+    }
+    for (w = 0; w < W; w++) {
+        sdy[w] = a[w];
+        sdyxc[w] = b[w];
+    }
+}
+
+/* Three ways to sum the columns of a block, the same values (each column summed over the
+ * rows in order):
+ * - strips (registers) for rows of up to 16 values, or a block small enough to be in
+ *   cache (the sums of one array: up to 64K values for W <= 256);
+ * - rows of up to FN_ROWS4_MAX_W values four at a time into stack accumulators;
+ * - wider rows one at a time into the caller's buffer.
+ * Measured over blocks of 200K values per thread, 2 threads, the variants alternating in
+ * one program (a harness over these functions; the floor is benchmarks/bandwidth_floor.c's
+ * read pass): the gradient sums at W = 32 took 1.98 ms in strips (the earlier choice for
+ * W <= 32), 1.03 one row at a time and 0.92 four at a time (floor 0.81); the sums at W =
+ * 64 2.22-2.26 ms one row at a time into the caller's buffer, 1.30-1.45 four at a time
+ * on the stack. At W = 128 and 256 four rows at a time was slower (the gradient sums
+ * 0.54 -> 0.82 ms, (256, 50176) 2.77 -> 5.0 ms; eight streams of wide rows), and so were
+ * stack accumulators one row at a time (0.68 -> 1.00 ms). */
 #define FN_STRIPS(rows, W) ((W) <= 16 || (rows) * (W) <= 16384)
-/* The sums of one array also take the strips, in their L1 chunks of rows, for blocks
- * of up to 64K values and W <= 256 (2 threads, old and new build alternating, 3 runs:
- * (16,28,28,128) 0.20-0.26 -> 0.10-0.20 ms, (16,28,28,256) 0.35-0.70 -> 0.22-0.53 ms).
- * Larger blocks keep the rows: at (64,56,56,64) (blocks of 200K values) the strips were
- * faster in two runs (1.9 -> 1.5 ms) and twice as slow in two others. */
 #define FN_SUMS_STRIPS(rows, W) (FN_STRIPS(rows, W) || ((W) <= 256 && (rows) * (W) <= 65536))
-/* Rows of up to FN_LOCAL_SUMS values sum into accumulators on the stack, copied out at
- * the end: summed into the caller's buffer (the driver's per-block work array), the
- * loads of each next rows waited on the stores to it (their addresses alike modulo 4 KB
- * for some columns).  At W = 64 the sums went 1.75-1.94 -> 0.98-1.09 ms, the gradient
- * sums 3.51 -> 2.61 ms (floor 0.87 and 2.26 in the same runs); at W = 128 no change. */
-#define FN_LOCAL_SUMS 256
 
 static inline void fn_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
                                    const double* shift, double* s1, double* s2) {
-    if (FN_SUMS_STRIPS(rows, W)) {
+    if (FN_SUMS_STRIPS(rows, W))
         fn_col_sums_strips(x, rows, W, shift, s1, s2);
-    } else if (W <= FN_LOCAL_SUMS) {
-        double a[FN_LOCAL_SUMS] __attribute__((aligned(64)));
-        double b[FN_LOCAL_SUMS] __attribute__((aligned(64)));
-        fn_col_sums_rows(x, rows, W, shift, a, b);
-        for (Py_ssize_t w = 0; w < W; w++) {
-            s1[w] = a[w];
-            s2[w] = b[w];
-        }
-    } else {
+    else if (W <= FN_ROWS4_MAX_W)
+        fn_col_sums_rows4(x, rows, W, shift, s1, s2);
+    else
         fn_col_sums_rows(x, rows, W, shift, s1, s2);
-    }
 }
 
 static inline void fn_col_gsums_f32(const float* dy, const float* x, Py_ssize_t rows,
                                     Py_ssize_t W, const double* mean, double* sdy,
                                     double* sdyxc) {
-    if (FN_STRIPS(rows, W)) {
+    if (FN_STRIPS(rows, W))
         fn_col_gsums_strips(dy, x, rows, W, mean, sdy, sdyxc);
-    } else if (W <= FN_LOCAL_SUMS) {
-        double a[FN_LOCAL_SUMS] __attribute__((aligned(64)));
-        double b[FN_LOCAL_SUMS] __attribute__((aligned(64)));
-        fn_col_gsums_rows(dy, x, rows, W, mean, a, b);
-        for (Py_ssize_t w = 0; w < W; w++) {
-            sdy[w] = a[w];
-            sdyxc[w] = b[w];
-        }
-    } else {
+    else if (W <= FN_ROWS4_MAX_W)
+        fn_col_gsums_rows4(dy, x, rows, W, mean, sdy, sdyxc);
+    else
         fn_col_gsums_rows(dy, x, rows, W, mean, sdy, sdyxc);
-    }
 }
 
 /* Columns: y[m, w] = x[m, w] * alpha[w] + beta[w]. */
