@@ -26,7 +26,6 @@ fraction of the floor).  The ratios of medians are printed at the end of the run
 """
 import ctypes
 import importlib.util
-import multiprocessing
 import os
 import pathlib
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 import pytest
 
 from test_bench_norms import CASES, _data, _fastnorm_call, _torch_call
+from turns import spawn
 
 ROUNDS = 25
 GAP = 0.05  # seconds before each call
@@ -109,19 +109,8 @@ def _serve(impl, threads, floor_lib, conn):
 
 class _Impl:
     def __init__(self, impl, threads, floor_lib):
-        ctx = multiprocessing.get_context("spawn")  # nothing inherited from this process
         self.impl = impl
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(impl, threads, floor_lib, child),
-                                daemon=True)
-        self.proc.start()
-        child.close()
-        try:
-            ready = self.conn.recv()
-        except EOFError:  # it raised: its traceback is on stderr
-            ready = None
-        if ready != "ready":
-            raise RuntimeError(f"the {impl} process did not start (see its traceback above)")
+        self.conn, self.proc = spawn(_serve, (impl, threads, floor_lib), impl)
         self.seconds = []
 
     def call(self, i):

@@ -21,12 +21,13 @@ took up to 45-50 ms instead of 29 (median pair ratio 1.95-2.18 instead of 2.5-2.
     python3 -m pytest benchmarks/test_bench_train.py --benchmark-json=/tmp/train.json -q
 """
 import importlib.util
-import multiprocessing
 import statistics
 import time
 
 import numpy as np
 import pytest
+
+from turns import spawn
 
 BATCH = 32
 CASES = [("mlp", "NCHW"), ("cnn", "NCHW"), ("cnn", "NHWC")]
@@ -136,19 +137,8 @@ class _Library:
     """A library's process (``_serve``); ``epoch()`` runs one epoch there and waits."""
 
     def __init__(self, impl, model_name, layout, threads):
-        ctx = multiprocessing.get_context("spawn")  # nothing inherited from this process
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(impl, model_name, layout, threads, child),
-                                daemon=True)
-        self.proc.start()
-        child.close()
-        try:
-            ready = self.conn.recv()
-        except EOFError:  # it raised: its traceback is on stderr
-            ready = None
-        if ready != "ready":
-            raise RuntimeError(f"the {impl} training process did not start (see its "
-                               f"traceback above)")
+        self.conn, self.proc = spawn(_serve, (impl, model_name, layout, threads),
+                                     f"{impl} training")
 
     def epoch(self):
         self.conn.send("epoch")
