@@ -349,12 +349,12 @@ static inline void fn_col_gsums_strips(const float* dy, const float* x, Py_ssize
     }
 }
 
-/* Row by row, the accumulators in memory (L1): for wide rows, where the strips above
- * would read x a cache line per row per strip and wait on memory (measured 0.37 against
- * 0.9-1.1 ns/value at W = 256 out of cache).  Same order per column. */
 /* The widest rows summed four at a time (see fn_col_sums_f32). */
 #define FN_ROWS4_MAX_W 64
 
+/* Row by row, the accumulators in memory (L1): for wide rows, where the strips above
+ * would read x a cache line per row per strip and wait on memory (measured 0.37 against
+ * 0.9-1.1 ns/value at W = 256 out of cache).  Same order per column. */
 static inline void fn_col_sums_rows(const float* x, Py_ssize_t rows, Py_ssize_t W,
                                     const double* shift, double* s1, double* s2) {
     Py_ssize_t m, w;
