@@ -394,6 +394,15 @@ def _assert_front_is_the_driver(run, k, entries, monkeypatch):
                     np.testing.assert_array_equal(a, c)
 
 
+def _front_data(seed, shape, pshape, dtype):
+    """x, dy of ``shape`` and a weight and bias of ``pshape`` for the one-call entry tests."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return (x, dy, rng.uniform(0.5, 1.5, pshape).astype(dtype),
+            rng.standard_normal(pshape).astype(dtype))
+
+
 # LayerNorm/RMSNorm rows around the thresholds: short rows, a 1-D input, two normalized
 # dimensions, rows on two threads, few long rows split into parts (train declined), rows
 # whose parameter gradients go by blocks of columns (backward declined).
@@ -427,12 +436,7 @@ def test_row_front_matches_validated_path(shape, ns, dtype, monkeypatch):
     shapes of the driver's path: with and without parameters, parameter gradients or
     not, on 1 and 2 threads."""
     k = _cython_backend()
-    rng = np.random.default_rng(6)
-    nshape = (ns,) if isinstance(ns, int) else ns
-    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = rng.uniform(0.5, 1.5, nshape).astype(dtype)
-    b = rng.standard_normal(nshape).astype(dtype)
+    x, dy, w, b = _front_data(6, shape, (ns,) if isinstance(ns, int) else ns, dtype)
 
     def run():
         out = []
@@ -511,12 +515,8 @@ def test_group_front_matches_validated_path(shape, G, layout, dtype, monkeypatch
     shapes of the driver's path: with and without parameters, InstanceNorm with running
     buffers, parameter gradients or not, on 1 and 2 threads."""
     k = _cython_backend()
-    rng = np.random.default_rng(7)
     C = shape[1] if layout == "NCHW" else shape[-1]
-    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.standard_normal(C).astype(dtype)
+    x, dy, w, b = _front_data(7, shape, C, dtype)
 
     def run():
         out = []
