@@ -84,7 +84,7 @@ def _serve(impl, threads, floor_lib, conn):
     if impl == "torch":
         import torch
         torch.set_num_threads(threads)
-    else:
+    elif impl == "fastnorm":
         import fastnorm
         fastnorm.set_num_threads(threads)
     current, run, arrays = None, None, {}
